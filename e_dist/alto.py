@@ -1,0 +1,319 @@
+"""ALTO: E's explored gradient fed to LAMB with bias correction."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from e_dist import hparams, update
+from e_dist.pieces import SINGLE_PROCESS, PieceMap
+from e_dist.update import (
+    EXP_AVG,
+    EXP_AVG_SQ,
+    GRAD_EMA,
+    REF_BIAS_CORRECTED,
+    REF_EXP_GRAD_DIFF,
+    REF_PREV_GRAD,
+    STEP,
+    Moments,
+)
+
+logger = logging.getLogger(__name__)
+
+ADAPTATIONS = ("reference", "paper", "none")
+
+# Added to the global gradient norm before dividing, as torch's
+# clip_grad_norm_ does.
+_CLIP_EPS = 1e-6
+
+
+class ALTO(torch.optim.Optimizer):
+    r"""ALTO (Zhao et al., NeurIPS 2025): LAMB with bias correction, stepping on
+    E's explored gradient.
+
+    For each parameter tensor :math:`\theta` at step :math:`k`, with
+    :math:`c = \alpha (1 - \beta_1)`:
+
+    .. math::
+        g &= \mathrm{clip}(\nabla, \text{max\_grad\_norm})
+             \quad\text{(global norm over all parameters)} \\
+        \tilde g &= (1 + c)\, g - c\, \mu \\
+        \mu &\leftarrow \beta_1 \mu + (1 - \beta_1)\, g \\
+        m &\leftarrow \beta_2 m + (1 - \beta_2)\, \tilde g \\
+        v &\leftarrow \beta_3 v + (1 - \beta_3)\, \tilde g^2 \\
+        r &= \frac{m / (1 - \beta_2^k)}{\sqrt{v / (1 - \beta_3^k)} + \epsilon}
+             + \lambda \theta \\
+        \theta &\leftarrow \theta - \eta\, \rho\, r
+
+    The trust ratio :math:`\rho` depends on the group's ``adaptation``:
+    ``"reference"`` (default) uses :math:`\|\theta\| / \|r\|` (1 when either
+    norm is 0) in groups with ``weight_decay != 0`` and :math:`\rho = 1`
+    elsewhere, as the authors' code does; ``"paper"`` uses
+    :math:`\phi / (\|r\| + \epsilon_2 \phi)`, :math:`\phi = \|\theta\| +
+    \epsilon_3`, in the group whatever its decay; ``"none"`` uses
+    :math:`\rho = 1`. Norms are over the whole parameter.
+
+    State per parameter: ``step``, ``exp_avg`` (m), ``exp_avg_sq`` (v) and
+    ``grad_ema`` (mu): three tensors the size of the parameter.
+
+    Args:
+        params: parameters or parameter groups, as for any torch optimizer.
+            :func:`e_dist.weight_decay_groups` makes the usual grouping.
+        lr: learning rate :math:`\eta` (default 1e-3; the paper uses 1e-2).
+        betas: :math:`(\beta_1, \beta_2, \beta_3)`, the decays of the gradient
+            EMA, the first and the second moment (default (0.99, 0.9, 0.99)).
+        alpha: E's strength :math:`\alpha`; negative explores, positive
+            exploits (default -5). Needs :math:`|\alpha (1 - \beta_1)| < 1`.
+        eps: :math:`\epsilon` in the denominator (default 1e-6).
+        weight_decay: decoupled decay :math:`\lambda` (default 1e-4).
+        max_grad_norm: clip the global gradient norm to this; None turns
+            clipping off (default 1.0).
+        adaptation: ``"reference"``, ``"paper"`` or ``"none"`` (default
+            ``"reference"``), settable per group.
+        trust_eps: :math:`\epsilon_2` of the paper's ratio (default 1e-6).
+        weight_norm_eps: :math:`\epsilon_3` of the paper's ratio (default 1e-10).
+        implementation: ``"auto"`` (CPU kernels where they apply, the reference
+            path elsewhere), ``"native"`` or ``"reference"``.
+        piece_map: how local tensors map onto whole parameters; the default
+            is one process holding every parameter whole. Sharding backends
+            pass their own.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = ALTO(e_dist.weight_decay_groups(model), lr=1e-2)
+        >>> model(torch.randn(8, 4)).square().mean().backward()
+        >>> opt.step()
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float, float] = (0.99, 0.9, 0.99),
+        alpha: float = -5.0,
+        eps: float = 1e-6,
+        weight_decay: float = 1e-4,
+        max_grad_norm: float | None = 1.0,
+        *,
+        adaptation: str = "reference",
+        trust_eps: float = 1e-6,
+        weight_norm_eps: float = 1e-10,
+        implementation: str = "auto",
+        piece_map: PieceMap | None = None,
+    ) -> None:
+        if max_grad_norm is not None:
+            max_grad_norm = hparams.check_real("max_grad_norm", max_grad_norm)
+            if max_grad_norm <= 0:
+                raise ValueError(
+                    f"max_grad_norm must be > 0, or None to turn clipping off, "
+                    f"got {max_grad_norm!r}"
+                )
+        if implementation not in update.IMPLEMENTATIONS:
+            raise ValueError(
+                f"implementation must be one of {update.IMPLEMENTATIONS}, "
+                f"got {implementation!r}"
+            )
+        self.max_grad_norm = max_grad_norm
+        self.implementation = implementation
+        self.piece_map = piece_map or SINGLE_PROCESS
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            alpha=alpha,
+            eps=eps,
+            weight_decay=weight_decay,
+            adaptation=adaptation,
+            trust_eps=trust_eps,
+            weight_norm_eps=weight_norm_eps,
+        )
+        _check_group(defaults)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        _check_group(self.param_groups[-1])
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of this class or of the reference package's ALTO.
+
+        Reference entries (``prev_grad``, ``exp_grad_diff``, the bias-corrected
+        copies, an integer ``step``) are converted exactly into ``grad_ema``
+        and a tensor ``step``.
+        """
+        groups = state_dict["param_groups"]
+        beta1_of = {i: g["betas"][0] for g in groups for i in g["params"]}
+        state = {}
+        for index, entry in state_dict["state"].items():
+            entry = dict(entry)
+            if REF_PREV_GRAD in entry:
+                prev_grad = entry.pop(REF_PREV_GRAD)
+                exp_grad_diff = entry.pop(REF_EXP_GRAD_DIFF)
+                entry[GRAD_EMA] = update.grad_ema_from_reference(
+                    prev_grad, exp_grad_diff, beta1_of[index]
+                )
+                for key in REF_BIAS_CORRECTED:
+                    entry.pop(key, None)
+            if STEP in entry and not torch.is_tensor(entry[STEP]):
+                entry[STEP] = torch.tensor(float(entry[STEP]), dtype=torch.float32)
+            state[index] = entry
+        groups = [_with_defaults(g, self.defaults) for g in groups]
+        super().load_state_dict({"state": state, "param_groups": groups})
+        # Moments live in the parameter's dtype; torch's loader casts them, but
+        # a step count must stay a float32 CPU scalar.
+        for entry in self.state.values():
+            if STEP in entry:
+                entry[STEP] = entry[STEP].to("cpu", torch.float32)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Take one optimization step; ``closure`` recomputes the loss first."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        buckets = self._buckets()
+        scale_grad = self._clip_coefficient(buckets)
+
+        # Pass 1: advance every state; collect norms where layers adapt.
+        adaptive = []
+        for group, key, tensors in buckets:
+            h, lr = self._moments(group, key[2])
+            if group["adaptation"] == "none" or (
+                group["adaptation"] == "reference" and group["weight_decay"] == 0
+            ):
+                update.advance(*tensors, scale_grad, h, lr, self.implementation)
+                continue
+            sums = update.advance(*tensors, scale_grad, h, None, self.implementation)
+            adaptive.append((group, h, lr, tensors, sums))
+        if not adaptive:
+            return loss
+
+        # The whole parameters' norms: one reduction for all groups together.
+        local = [t for _, _, _, tensors, _ in adaptive for t in tensors[0]]
+        full = self.piece_map.full_sums(local, torch.cat([a[4] for a in adaptive]))
+
+        # Pass 2: step each segment by lr times its parameter's trust ratio.
+        row = 0
+        for group, h, lr, tensors, sums in adaptive:
+            rows = full[row : row + sums.shape[0]]
+            row += sums.shape[0]
+            ratio = update.trust_ratios(
+                rows, group["adaptation"], group["trust_eps"], group["weight_norm_eps"]
+            )
+            params, _, _, exp_avgs, exp_avg_sqs, offsets = tensors
+            update.apply(
+                params, exp_avgs, exp_avg_sqs, offsets, lr * ratio, h,
+                self.implementation,
+            )  # fmt: skip
+        return loss
+
+    def _buckets(self) -> list[tuple[dict[str, Any], tuple, tuple]]:
+        """Tensors with gradients, by group, device, dtype and step count.
+
+        Creates missing state and advances every step count. Each bucket's
+        tensors are ``(params, grads, grad_emas, exp_avgs, exp_avg_sqs,
+        offsets)``.
+        """
+        buckets = []
+        for group in self.param_groups:
+            by_key: dict[tuple, list[list]] = defaultdict(lambda: [[] for _ in range(6)])
+            for param in group["params"]:
+                grad = param.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    raise RuntimeError("ALTO does not support sparse gradients")
+                state = self.state[param]
+                if not state:
+                    _init_state(state, param)
+                # Step counts live on the CPU, as torch's optimizers keep them,
+                # so reading one synchronizes no device.
+                state[STEP] += 1
+                key = (param.device, param.dtype, int(state[STEP]))
+                for column, tensor in zip(
+                    by_key[key],
+                    (param, grad, state[GRAD_EMA], state[EXP_AVG], state[EXP_AVG_SQ]),
+                ):
+                    column.append(tensor)
+                by_key[key][5].append(self.piece_map.offsets(param))
+            buckets += [(group, key, tuple(cols)) for key, cols in by_key.items()]
+        return buckets
+
+    def _clip_coefficient(self, buckets) -> Tensor:
+        """min(1, max_grad_norm / (global grad norm + 1e-6)), as a tensor."""
+        if self.max_grad_norm is None or not buckets:
+            return torch.ones((), dtype=torch.float64)
+        local = torch.zeros((), dtype=torch.float64)
+        for _, _, tensors in buckets:
+            sums = update.segment_sq_sums(tensors[1], tensors[5], self.implementation)
+            local = local + sums.to(local.device).sum()
+        total_norm = self.piece_map.global_sq_sum(local).sqrt()
+        return (self.max_grad_norm / (total_norm + _CLIP_EPS)).clamp(max=1.0)
+
+    @staticmethod
+    def _moments(group: dict[str, Any], step: int) -> tuple[Moments, Any]:
+        beta1, beta2, beta3 = group["betas"]
+        h = Moments(
+            c=group["alpha"] * (1.0 - beta1),
+            beta1=beta1,
+            beta2=beta2,
+            beta3=beta3,
+            bias_correction2=1.0 - beta2**step,
+            bias_correction3=1.0 - beta3**step,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+        )
+        return h, group["lr"]
+
+
+def _init_state(state: dict[str, Any], param: Tensor) -> None:
+    state[STEP] = torch.zeros((), dtype=torch.float32)
+    for key in (GRAD_EMA, EXP_AVG, EXP_AVG_SQ):
+        state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
+def _with_defaults(group: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """A loaded group with the keys that older or reference dicts lack."""
+    group = dict(group)
+    if "alp" in group and "alpha" not in group:  # the reference's name
+        group["alpha"] = group.pop("alp")
+    for key, value in defaults.items():
+        group.setdefault(key, value)
+    return group
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    """Validate one group's hyperparameters; ValueError names the bad one."""
+    lr = group["lr"]
+    if torch.is_tensor(lr):
+        if lr.numel() != 1:
+            raise ValueError(f"lr as a tensor must have one element, got {lr.shape}")
+    else:
+        hparams.check_non_negative("lr", lr)
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 3:
+        raise ValueError(
+            f"betas must be three numbers (beta1 for the gradient EMA, beta2 and "
+            f"beta3 for the moments), got {betas!r}"
+        )
+    for i, beta in enumerate(betas):
+        hparams.check_range(f"betas[{i}]", beta, 0.0, 1.0)
+    group["betas"] = tuple(float(b) for b in betas)
+    group["alpha"] = hparams.check_real("alpha", group["alpha"])
+    hparams.check_stability(group["alpha"], group["betas"][0], "betas[0]")
+    eps = hparams.check_real("eps", group["eps"])
+    if eps <= 0:
+        raise ValueError(f"eps must be > 0, got {eps!r}")
+    hparams.check_non_negative("weight_decay", group["weight_decay"])
+    if group["adaptation"] not in ADAPTATIONS:
+        raise ValueError(
+            f"adaptation must be one of {ADAPTATIONS}, got {group['adaptation']!r}"
+        )
+    hparams.check_non_negative("trust_eps", group["trust_eps"])
+    hparams.check_non_negative("weight_norm_eps", group["weight_norm_eps"])
