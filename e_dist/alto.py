@@ -222,7 +222,9 @@ class ALTO(torch.optim.Optimizer):
         """
         buckets = []
         for group in self.param_groups:
-            by_key: dict[tuple, list[list]] = defaultdict(lambda: [[] for _ in range(6)])
+            by_key: dict[tuple, list[list]] = defaultdict(
+                lambda: [[] for _ in range(6)]
+            )
             for param in group["params"]:
                 grad = param.grad
                 if grad is None:
@@ -236,12 +238,17 @@ class ALTO(torch.optim.Optimizer):
                 # so reading one synchronizes no device.
                 state[STEP] += 1
                 key = (param.device, param.dtype, int(state[STEP]))
-                for column, tensor in zip(
-                    by_key[key],
-                    (param, grad, state[GRAD_EMA], state[EXP_AVG], state[EXP_AVG_SQ]),
-                ):
+                tensors = (
+                    param,
+                    grad,
+                    state[GRAD_EMA],
+                    state[EXP_AVG],
+                    state[EXP_AVG_SQ],
+                )
+                columns = by_key[key]
+                for column, tensor in zip(columns[:5], tensors, strict=True):
                     column.append(tensor)
-                by_key[key][5].append(self.piece_map.offsets(param))
+                columns[5].append(self.piece_map.offsets(param))
             buckets += [(group, key, tuple(cols)) for key, cols in by_key.items()]
         return buckets
 
@@ -249,10 +256,10 @@ class ALTO(torch.optim.Optimizer):
         """min(1, max_grad_norm / (global grad norm + 1e-6)), as a tensor."""
         if self.max_grad_norm is None or not buckets:
             return torch.ones((), dtype=torch.float64)
-        local = torch.zeros((), dtype=torch.float64)
+        local = None
         for _, _, tensors in buckets:
             sums = update.segment_sq_sums(tensors[1], tensors[5], self.implementation)
-            local = local + sums.to(local.device).sum()
+            local = sums.sum() if local is None else local + sums.sum().to(local.device)
         total_norm = self.piece_map.global_sq_sum(local).sqrt()
         return (self.max_grad_norm / (total_norm + _CLIP_EPS)).clamp(max=1.0)
 

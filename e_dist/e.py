@@ -52,6 +52,8 @@ class E(torch.optim.Optimizer):
             first (default 0, off).
         grad_clip: clamp each gradient element to ``[-grad_clip, grad_clip]``
             after the noise (default None, off).
+        implementation: ``"auto"`` (CPU kernels where they apply, torch ops
+            elsewhere), ``"native"`` or ``"reference"``.
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -67,6 +69,8 @@ class E(torch.optim.Optimizer):
         beta: float = 0.99,
         noise_std: float = 0.0,
         grad_clip: float | None = None,
+        *,
+        implementation: str = "auto",
     ) -> None:
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -84,6 +88,12 @@ class E(torch.optim.Optimizer):
                     f"grad_clip must be > 0, or None to turn it off, got {grad_clip!r}"
                 )
         self.grad_clip = grad_clip
+        if implementation not in update.IMPLEMENTATIONS:
+            raise ValueError(
+                f"implementation must be one of {update.IMPLEMENTATIONS}, "
+                f"got {implementation!r}"
+            )
+        self.implementation = implementation
         self.base_optimizer = base_optimizer
         # What torch.optim.Optimizer.__init__ sets up, less the parameter
         # groups and state, which stay the base optimizer's.
@@ -204,14 +214,10 @@ class E(torch.optim.Optimizer):
                 grads.append(grad)
                 grad_emas.append(grad_ema)
 
-        if grads:
-            # g~ = (1 + c) g - c mu = lerp(mu, g, 1 + c); mu = lerp(mu, g, 1 - beta).
-            c = self.alpha * (1.0 - self.beta)
-            explored = torch._foreach_lerp(grad_emas, grads, 1.0 + c)
-            torch._foreach_lerp_(grad_emas, grads, 1.0 - self.beta)
-            torch._foreach_copy_(grads, explored)
-            del explored
-
+        update.explore(
+            grads, grad_emas, self.alpha * (1.0 - self.beta), self.beta,
+            self.implementation,
+        )  # fmt: skip
         self.base_optimizer.step()
         for param, grad_ema in new_emas:
             self.state[param][GRAD_EMA] = grad_ema

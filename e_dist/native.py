@@ -32,6 +32,8 @@ def _vector_isa() -> str | None:
         flags = Path("/proc/cpuinfo").read_text().split()
     except OSError:
         return None
+    if "avx512f" in flags:
+        return "avx512f"
     return "avx2" if "avx2" in flags else None
 
 
@@ -55,7 +57,7 @@ def cpu_kernels() -> ModuleType | None:
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
-    except Exception as error:  # noqa: BLE001 - any build failure means fallback
+    except Exception as error:
         logger.warning(
             "e_dist: the CPU kernels could not be built (%s: %s); ALTO takes the "
             "slower reference path. Install ninja and a C++ compiler to fix this.",

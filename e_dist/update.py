@@ -26,6 +26,7 @@ ops, one tensor at a time, for any device; and multi-tensor CPU kernels
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -92,7 +93,7 @@ def use_native(tensors: Sequence[Tensor], implementation: str) -> bool:
 
 def _segments(t: Tensor, offsets: Sequence[int]) -> list[Tensor]:
     flat = t.view(-1)
-    return [flat[lo:hi] for lo, hi in zip(offsets[:-1], offsets[1:])]
+    return [flat[lo:hi] for lo, hi in itertools.pairwise(offsets)]
 
 
 def segment_sq_sums(
@@ -105,10 +106,30 @@ def segment_sq_sums(
         return native.cpu_kernels().segment_sq_sums(list(tensors), offsets)
     sums = [
         seg.double().square().sum()
-        for t, off in zip(tensors, offsets)
+        for t, off in zip(tensors, offsets, strict=True)
         for seg in _segments(t, off)
     ]
     return torch.stack(sums)
+
+
+def explore(
+    grads: Sequence[Tensor],
+    grad_emas: Sequence[Tensor],
+    c: float,
+    beta: float,
+    implementation: str = "auto",
+) -> None:
+    """E's transform in place: ``g = (1 + c) g - c mu``, ``mu = beta mu + (1 - beta) g``
+    (both from the old values)."""
+    if not grads:
+        return
+    if use_native([*grads, *grad_emas], implementation):
+        native.cpu_kernels().e_explore(list(grads), list(grad_emas), c, beta)
+        return
+    for grad, grad_ema in zip(grads, grad_emas, strict=True):
+        g_tilde = (1 + c) * grad - c * grad_ema
+        grad_ema.mul_(beta).add_(grad, alpha=1 - beta)
+        grad.copy_(g_tilde)
 
 
 def _direction(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, h: Moments):
@@ -143,7 +164,9 @@ def advance(
     """
     if not params:
         return None if lr is not None else torch.zeros(0, 2, dtype=torch.float64)
-    if use_native([*params, *grads, *grad_emas, *exp_avgs, *exp_avg_sqs], implementation):
+    if use_native(
+        [*params, *grads, *grad_emas, *exp_avgs, *exp_avg_sqs], implementation
+    ):
         sums = native.cpu_kernels().alto_advance(
             list(params), list(grads), list(grad_emas), list(exp_avgs),
             list(exp_avg_sqs), offsets, scale_grad.detach().cpu(), h.c, h.beta1,
@@ -154,7 +177,7 @@ def advance(
 
     sums = []
     for param, grad, grad_ema, exp_avg, exp_avg_sq, off in zip(
-        params, grads, grad_emas, exp_avgs, exp_avg_sqs, offsets
+        params, grads, grad_emas, exp_avgs, exp_avg_sqs, offsets, strict=True
     ):
         # E: the explored gradient, from the raw (clipped) one and its EMA.
         g = grad * scale_grad.to(grad.dtype)
@@ -169,8 +192,10 @@ def advance(
         if lr is not None:
             param.sub_(lr * update)
             continue
-        for w, r in zip(_segments(param, off), _segments(update, off)):
-            sums.append(torch.stack([w.double().square().sum(), r.double().square().sum()]))
+        for w, r in zip(_segments(param, off), _segments(update, off), strict=True):
+            sums.append(
+                torch.stack([w.double().square().sum(), r.double().square().sum()])
+            )
     if lr is not None:
         return None
     return torch.stack(sums) if sums else torch.zeros(0, 2, dtype=torch.float64)
@@ -196,9 +221,11 @@ def apply(
         )  # fmt: skip
         return
     index = 0
-    for param, exp_avg, exp_avg_sq, off in zip(params, exp_avgs, exp_avg_sqs, offsets):
+    for param, exp_avg, exp_avg_sq, off in zip(
+        params, exp_avgs, exp_avg_sqs, offsets, strict=True
+    ):
         update = _direction(param, exp_avg, exp_avg_sq, h)
-        for w, r in zip(_segments(param, off), _segments(update, off)):
+        for w, r in zip(_segments(param, off), _segments(update, off), strict=True):
             w.sub_(step_sizes[index].to(w.dtype) * r)
             index += 1
 

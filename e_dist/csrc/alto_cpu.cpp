@@ -5,8 +5,9 @@
 // [offsets[s], offsets[s + 1])); the sums a kernel returns are per segment, so
 // one local tensor may hold pieces of several parameters.
 //
-// Work is cut into fixed chunks whose partial sums are added in chunk order,
-// so results do not depend on the number of threads.
+// All segments of all tensors are cut into fixed chunks, and one parallel loop
+// runs over every chunk of a call. Partial sums are added per segment in chunk
+// order, so results do not depend on the number of threads.
 
 #include <torch/extension.h>
 
@@ -116,6 +117,24 @@ double sq_sum_range(const scalar_t* __restrict__ x, int64_t lo, int64_t hi) {
   return acc;
 }
 
+// E's transform over [lo, hi): g <- (1 + c) g - c mu, mu <- beta mu + (1 - beta) g.
+template <typename scalar_t>
+void explore_range(double c_d, double beta_d, scalar_t* __restrict__ grad,
+                   scalar_t* __restrict__ grad_ema, int64_t lo, int64_t hi) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const opmath_t c = static_cast<opmath_t>(c_d);
+  const opmath_t one_plus_c = 1 + c;
+  const opmath_t beta = static_cast<opmath_t>(beta_d);
+  const opmath_t one_minus_beta = 1 - beta;
+#pragma omp simd
+  for (int64_t i = lo; i < hi; ++i) {
+    const opmath_t g = static_cast<opmath_t>(grad[i]);
+    const opmath_t mu = static_cast<opmath_t>(grad_ema[i]);
+    grad[i] = static_cast<scalar_t>(one_plus_c * g - c * mu);
+    grad_ema[i] = static_cast<scalar_t>(beta * mu + one_minus_beta * g);
+  }
+}
+
 void check_tensor(const at::Tensor& a, const at::Tensor& param, const char* what) {
   TORCH_CHECK(a.device().is_cpu(), what, " must be on the CPU");
   TORCH_CHECK(a.is_contiguous(), what, " must be contiguous");
@@ -125,52 +144,82 @@ void check_tensor(const at::Tensor& a, const at::Tensor& param, const char* what
               a.scalar_type(), ", its parameter ", param.scalar_type());
 }
 
-int64_t count_segments(const std::vector<std::vector<int64_t>>& offsets) {
-  int64_t n = 0;
-  for (const auto& o : offsets) n += static_cast<int64_t>(o.size()) - 1;
-  return n;
+// One chunk of work: elements [lo, hi) of tensor `tensor`, inside segment
+// `segment` (numbered across all tensors of the call).
+struct Chunk {
+  int64_t tensor, segment, lo, hi;
+};
+
+// The chunks of every segment of every tensor, in order; empty segments get
+// none. Also returns the number of segments.
+std::vector<Chunk> plan(const std::vector<std::vector<int64_t>>& offsets,
+                        int64_t* num_segments) {
+  std::vector<Chunk> chunks;
+  int64_t segment = 0;
+  for (size_t t = 0; t < offsets.size(); ++t) {
+    const auto& off = offsets[t];
+    TORCH_CHECK(!off.empty(), "offsets of tensor ", t, " are empty");
+    for (size_t s = 0; s + 1 < off.size(); ++s, ++segment) {
+      TORCH_CHECK(off[s] <= off[s + 1], "offsets of tensor ", t, " decrease");
+      for (int64_t lo = off[s]; lo < off[s + 1]; lo += kChunk) {
+        chunks.push_back({static_cast<int64_t>(t), segment, lo,
+                          std::min(off[s + 1], lo + kChunk)});
+      }
+    }
+  }
+  *num_segments = segment;
+  return chunks;
 }
 
-// Runs body(chunk_lo, chunk_hi, chunk_index) over the fixed chunks of
-// [begin, end) in parallel and returns the number of chunks.
-template <typename F>
-int64_t for_each_chunk(int64_t begin, int64_t end, const F& body) {
-  const int64_t num_chunks = (end - begin + kChunk - 1) / kChunk;
-  at::parallel_for(0, num_chunks, 1, [&](int64_t cb, int64_t ce) {
-    for (int64_t ci = cb; ci < ce; ++ci) {
-      const int64_t lo = begin + ci * kChunk;
-      body(lo, std::min(end, lo + kChunk), ci);
-    }
-  });
-  return num_chunks;
+void check_offsets(const at::Tensor& t, const std::vector<int64_t>& off) {
+  TORCH_CHECK(off.front() >= 0 && off.back() <= t.numel(),
+              "offsets run outside a tensor of ", t.numel(), " elements");
 }
+
+// Runs body(chunk) for every chunk in parallel.
+template <typename F>
+void run(const std::vector<Chunk>& chunks, const F& body) {
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1,
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t i = begin; i < end; ++i) body(i, chunks[i]);
+                   });
+}
+
+// Adds per-chunk pairs into per-segment pairs, in chunk order.
+at::Tensor per_segment(const std::vector<Chunk>& chunks,
+                       const std::vector<double>& partial, int64_t num_segments,
+                       int64_t width) {
+  auto out = at::zeros({num_segments, width}, at::kDouble);
+  double* out_ptr = out.data_ptr<double>();
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    for (int64_t k = 0; k < width; ++k) {
+      out_ptr[chunks[i].segment * width + k] += partial[i * width + k];
+    }
+  }
+  return out;
+}
+
+#define E_DIST_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
 
 // Sums of squares of each segment of each tensor: [num_segments] float64.
 at::Tensor segment_sq_sums(const std::vector<at::Tensor>& tensors,
                            const std::vector<std::vector<int64_t>>& offsets) {
   TORCH_CHECK(tensors.size() == offsets.size(), "one offsets list per tensor");
-  auto out = at::zeros({count_segments(offsets)}, at::kDouble);
-  double* out_ptr = out.data_ptr<double>();
-  int64_t seg = 0;
   for (size_t t = 0; t < tensors.size(); ++t) {
-    const auto& x = tensors[t];
-    check_tensor(x, x, "tensor");
-    const auto& off = offsets[t];
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
-                                    "segment_sq_sums", [&] {
-      const scalar_t* ptr = x.data_ptr<scalar_t>();
-      for (size_t s = 0; s + 1 < off.size(); ++s, ++seg) {
-        std::vector<double> partial((off[s + 1] - off[s] + kChunk - 1) / kChunk);
-        for_each_chunk(off[s], off[s + 1], [&](int64_t lo, int64_t hi, int64_t ci) {
-          partial[ci] = sq_sum_range(ptr, lo, hi);
-        });
-        double total = 0.0;
-        for (double p : partial) total += p;
-        out_ptr[seg] = total;
-      }
-    });
+    check_tensor(tensors[t], tensors[t], "tensor");
+    check_offsets(tensors[t], offsets[t]);
   }
-  return out;
+  int64_t num_segments = 0;
+  const auto chunks = plan(offsets, &num_segments);
+  std::vector<double> partial(chunks.size());
+  run(chunks, [&](int64_t i, const Chunk& c) {
+    const auto& x = tensors[c.tensor];
+    E_DIST_DISPATCH(x.scalar_type(), "segment_sq_sums", [&] {
+      partial[i] = sq_sum_range(x.data_ptr<scalar_t>(), c.lo, c.hi);
+    });
+  });
+  return per_segment(chunks, partial, num_segments, 1).view({num_segments});
 }
 
 // First pass. With apply=false: advance the state and return per-segment
@@ -183,22 +232,14 @@ at::Tensor alto_advance(const std::vector<at::Tensor>& params,
                         const std::vector<at::Tensor>& exp_avgs,
                         const std::vector<at::Tensor>& exp_avg_sqs,
                         const std::vector<std::vector<int64_t>>& offsets,
-                        const at::Tensor& scale_grad, double c, double beta1, double beta2,
-                        double beta3, double bias_correction2,
+                        const at::Tensor& scale_grad, double c, double beta1,
+                        double beta2, double beta3, double bias_correction2,
                         double bias_correction3, double eps,
                         double weight_decay, double lr, bool apply) {
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && grad_emas.size() == n && exp_avgs.size() == n &&
                   exp_avg_sqs.size() == n && offsets.size() == n,
               "every tensor list must have one entry per parameter");
-  TORCH_CHECK(scale_grad.device().is_cpu() && scale_grad.numel() == 1,
-              "scale_grad must be a one-element CPU tensor");
-  const double scale = scale_grad.to(at::kDouble).item<double>();
-  const Moments h{scale, c, beta1, beta2, beta3, bias_correction2,
-                  bias_correction3, eps, weight_decay, lr};
-  auto out = at::zeros({apply ? 0 : count_segments(offsets), 2}, at::kDouble);
-  double* out_ptr = out.data_ptr<double>();
-  int64_t seg = 0;
   for (size_t t = 0; t < n; ++t) {
     const auto& p = params[t];
     check_tensor(p, p, "parameter");
@@ -206,38 +247,33 @@ at::Tensor alto_advance(const std::vector<at::Tensor>& params,
     check_tensor(grad_emas[t], p, "grad_ema");
     check_tensor(exp_avgs[t], p, "exp_avg");
     check_tensor(exp_avg_sqs[t], p, "exp_avg_sq");
-    const auto& off = offsets[t];
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.scalar_type(),
-                                    "alto_advance", [&] {
-      scalar_t* pp = p.data_ptr<scalar_t>();
+    check_offsets(p, offsets[t]);
+  }
+  TORCH_CHECK(scale_grad.device().is_cpu() && scale_grad.numel() == 1,
+              "scale_grad must be a one-element CPU tensor");
+  const Moments h{scale_grad.to(at::kDouble).item<double>(), c, beta1, beta2, beta3,
+                  bias_correction2, bias_correction3, eps, weight_decay, lr};
+  int64_t num_segments = 0;
+  const auto chunks = plan(offsets, &num_segments);
+  std::vector<double> partial(apply ? 0 : 2 * chunks.size());
+  run(chunks, [&](int64_t i, const Chunk& c) {
+    const int64_t t = c.tensor;
+    E_DIST_DISPATCH(params[t].scalar_type(), "alto_advance", [&] {
+      scalar_t* pp = params[t].data_ptr<scalar_t>();
       const scalar_t* gp = grads[t].data_ptr<scalar_t>();
       scalar_t* mup = grad_emas[t].data_ptr<scalar_t>();
       scalar_t* mp = exp_avgs[t].data_ptr<scalar_t>();
       scalar_t* vp = exp_avg_sqs[t].data_ptr<scalar_t>();
-      for (size_t s = 0; s + 1 < off.size(); ++s, ++seg) {
-        if (apply) {
-          for_each_chunk(off[s], off[s + 1], [&](int64_t lo, int64_t hi, int64_t) {
-            advance_range<true>(h, pp, gp, mup, mp, vp, lo, hi, nullptr, nullptr);
-          });
-          continue;
-        }
-        std::vector<double> partial(2 * ((off[s + 1] - off[s] + kChunk - 1) / kChunk));
-        const int64_t num_chunks = for_each_chunk(
-            off[s], off[s + 1], [&](int64_t lo, int64_t hi, int64_t ci) {
-              advance_range<false>(h, pp, gp, mup, mp, vp, lo, hi,
-                                   &partial[2 * ci], &partial[2 * ci + 1]);
-            });
-        double w = 0.0, r = 0.0;
-        for (int64_t ci = 0; ci < num_chunks; ++ci) {
-          w += partial[2 * ci];
-          r += partial[2 * ci + 1];
-        }
-        out_ptr[2 * seg] = w;
-        out_ptr[2 * seg + 1] = r;
+      if (apply) {
+        advance_range<true>(h, pp, gp, mup, mp, vp, c.lo, c.hi, nullptr, nullptr);
+      } else {
+        advance_range<false>(h, pp, gp, mup, mp, vp, c.lo, c.hi, &partial[2 * i],
+                             &partial[2 * i + 1]);
       }
     });
-  }
-  return out;
+  });
+  if (apply) return at::zeros({0, 2}, at::kDouble);
+  return per_segment(chunks, partial, num_segments, 2);
 }
 
 // Second pass: theta -= step_sizes[segment] * r, r recomputed from the
@@ -251,32 +287,50 @@ void alto_apply(const std::vector<at::Tensor>& params,
   const size_t n = params.size();
   TORCH_CHECK(exp_avgs.size() == n && exp_avg_sqs.size() == n && offsets.size() == n,
               "every tensor list must have one entry per parameter");
-  TORCH_CHECK(step_sizes.numel() == count_segments(offsets),
-              "one step size per segment");
-  const Moments h{1.0, 0.0, 0.0, 0.0, 0.0, bias_correction2, bias_correction3,
-                  eps, weight_decay, 0.0};
-  const auto sizes = step_sizes.to(at::kDouble).contiguous();
-  const double* size_ptr = sizes.data_ptr<double>();
-  int64_t seg = 0;
   for (size_t t = 0; t < n; ++t) {
     const auto& p = params[t];
     check_tensor(p, p, "parameter");
     check_tensor(exp_avgs[t], p, "exp_avg");
     check_tensor(exp_avg_sqs[t], p, "exp_avg_sq");
-    const auto& off = offsets[t];
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.scalar_type(),
-                                    "alto_apply", [&] {
-      scalar_t* pp = p.data_ptr<scalar_t>();
-      const scalar_t* mp = exp_avgs[t].data_ptr<scalar_t>();
-      const scalar_t* vp = exp_avg_sqs[t].data_ptr<scalar_t>();
-      for (size_t s = 0; s + 1 < off.size(); ++s, ++seg) {
-        const double step_size = size_ptr[seg];
-        for_each_chunk(off[s], off[s + 1], [&](int64_t lo, int64_t hi, int64_t) {
-          apply_range(h, step_size, pp, mp, vp, lo, hi);
-        });
-      }
-    });
+    check_offsets(p, offsets[t]);
   }
+  int64_t num_segments = 0;
+  const auto chunks = plan(offsets, &num_segments);
+  TORCH_CHECK(step_sizes.numel() == num_segments, "one step size per segment: ",
+              num_segments, " expected, ", step_sizes.numel(), " given");
+  const Moments h{1.0, 0.0, 0.0, 0.0, 0.0, bias_correction2, bias_correction3,
+                  eps, weight_decay, 0.0};
+  const auto sizes = step_sizes.to(at::kDouble).contiguous();
+  const double* size_ptr = sizes.data_ptr<double>();
+  run(chunks, [&](int64_t, const Chunk& c) {
+    const int64_t t = c.tensor;
+    E_DIST_DISPATCH(params[t].scalar_type(), "alto_apply", [&] {
+      apply_range(h, size_ptr[c.segment], params[t].data_ptr<scalar_t>(),
+                  exp_avgs[t].data_ptr<scalar_t>(), exp_avg_sqs[t].data_ptr<scalar_t>(),
+                  c.lo, c.hi);
+    });
+  });
+}
+
+// E's gradient transform, in place on grads and grad_emas.
+void e_explore(const std::vector<at::Tensor>& grads,
+               const std::vector<at::Tensor>& grad_emas, double c, double beta) {
+  TORCH_CHECK(grads.size() == grad_emas.size(), "one grad_ema per grad");
+  std::vector<std::vector<int64_t>> offsets;
+  for (size_t t = 0; t < grads.size(); ++t) {
+    check_tensor(grads[t], grads[t], "grad");
+    check_tensor(grad_emas[t], grads[t], "grad_ema");
+    offsets.push_back({0, grads[t].numel()});
+  }
+  int64_t num_segments = 0;
+  const auto chunks = plan(offsets, &num_segments);
+  run(chunks, [&](int64_t, const Chunk& ch) {
+    const int64_t t = ch.tensor;
+    E_DIST_DISPATCH(grads[t].scalar_type(), "e_explore", [&] {
+      explore_range(c, beta, grads[t].data_ptr<scalar_t>(),
+                    grad_emas[t].data_ptr<scalar_t>(), ch.lo, ch.hi);
+    });
+  });
 }
 
 }  // namespace
@@ -285,4 +339,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("segment_sq_sums", &segment_sq_sums);
   m.def("alto_advance", &alto_advance);
   m.def("alto_apply", &alto_apply);
+  m.def("e_explore", &e_explore);
 }
