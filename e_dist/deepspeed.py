@@ -1,0 +1,403 @@
+"""DeepSpeed integration: optimizer names in the JSON config, ZeRO piece maps.
+
+Importing :mod:`e_dist` installs three hooks on DeepSpeed's engine, nothing
+else changes:
+
+- ``_is_supported_optimizer`` and ``_configure_basic_optimizer``: build ALTO,
+  E and the E shorthands from ``"optimizer": {"type": ...}`` in the config
+  (DeepSpeed has no registry of optimizer types), so callers that pass only a
+  config (HF Trainer, Accelerate) get them, and ZeRO accepts them as tested
+  optimizers.
+- ``_configure_optimizer``: once the engine has wrapped the optimizer, gives
+  ALTO a piece map read from the wrapper's partitions (ZeRO-1/2, ZeRO-3,
+  BF16_Optimizer; whole parameters at stage 0) and hands its gradient
+  clipping to the engine, so that one clip, over every rank's gradients,
+  happens per step.
+
+Supported: deepspeed 0.19. Others get a warning once; a missing internal
+fails with a message naming it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from e_dist import hparams
+from e_dist.alto import ALTO
+from e_dist.e import E
+from e_dist.groups import weight_decay_groups
+from e_dist.pieces import SINGLE_PROCESS, Piece, ShardedPieceMap
+
+logger = logging.getLogger(__name__)
+
+TESTED_VERSIONS = ("0.19.",)
+
+# Names accepted in "optimizer": {"type": ...}, with their base optimizers.
+E_BASES: dict[str, str] = {"EAdam": "Adam", "EAdamW": "AdamW", "ESGD": "SGD"}
+NAMES = ("ALTO", "E", *E_BASES)
+
+# Keys of "params" that e_dist consumes itself; the rest go to the optimizer.
+_GROUPING_KEY = "weight_decay_groups"
+_E_KEYS = ("alpha", "beta", "noise_std", "grad_clip")
+_ALTO_KEYS = (
+    "lr",
+    "betas",
+    "alpha",
+    "eps",
+    "weight_decay",
+    "adaptation",
+    "trust_eps",
+    "weight_norm_eps",
+    "implementation",
+)
+
+
+class UnsupportedDeepSpeed(RuntimeError):
+    """This DeepSpeed lacks an internal that e_dist relies on."""
+
+
+def _internal(obj: Any, name: str) -> Any:
+    try:
+        return getattr(obj, name)
+    except AttributeError:
+        import deepspeed
+
+        raise UnsupportedDeepSpeed(
+            f"e_dist needs {type(obj).__name__}.{name}, which deepspeed "
+            f"{deepspeed.__version__} does not have; e_dist is tested with "
+            f"deepspeed {', '.join(v + 'x' for v in TESTED_VERSIONS)}"
+        ) from None
+
+
+# ---------------------------------------------------------------------------
+# Building optimizers from the config
+
+
+def _base_class(name: str) -> type[torch.optim.Optimizer]:
+    base = getattr(torch.optim, name, None)
+    if not (isinstance(base, type) and issubclass(base, torch.optim.Optimizer)):
+        raise ValueError(f"E's base must name a torch.optim optimizer, got {name!r}")
+    return base
+
+
+def _resolve_auto(params: dict[str, Any], train_batch_size: int | None) -> None:
+    """Replace ``"auto"`` in alpha, beta and betas by the paper's rule."""
+    wanted = [k for k in ("alpha", "beta", "betas") if params.get(k) == "auto"]
+    if not wanted:
+        return
+    if train_batch_size is None:
+        raise ValueError(
+            f"{', '.join(wanted)} = 'auto' needs train_batch_size in the config"
+        )
+    preset = hparams.alto_preset(train_batch_size)
+    for key in wanted:
+        if key == "alpha":
+            params[key] = preset["alpha"]
+        elif key == "beta":
+            params[key] = preset["betas"][0]
+        else:
+            betas = preset["betas"]
+            params[key] = betas
+    logger.info(
+        "e_dist: train_batch_size %d gives %s",
+        train_batch_size,
+        {k: params[k] for k in wanted},
+    )
+
+
+def _check_keys(name: str, params: dict[str, Any], accepted: Iterable[str]) -> None:
+    accepted = sorted({*accepted, _GROUPING_KEY})
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"unknown key(s) {unknown} in the params of optimizer {name!r}; "
+            f"accepted: {accepted}"
+        )
+
+
+def _grouped(model: torch.nn.Module, model_parameters: Any, weight_decay: float) -> Any:
+    """Plain parameters become the usual decay / no-decay groups.
+
+    Groups passed by the caller (dicts) are kept as they are.
+    """
+    if model_parameters is None:
+        model_parameters = model.parameters()
+    items = list(model_parameters)
+    if not items or isinstance(items[0], dict):
+        return items
+    wanted = {id(p) for p in items}
+    groups = []
+    for group in weight_decay_groups(model, weight_decay):
+        params = [p for p in group["params"] if id(p) in wanted]
+        if params:
+            groups.append({**group, "params": params})
+    missing = wanted - {id(p) for g in groups for p in g["params"]}
+    if missing:  # parameters outside the module: decay them
+        extra = [p for p in items if id(p) in missing]
+        groups.append({"params": extra, "weight_decay": weight_decay})
+    return groups
+
+
+def build_from_config(
+    name: str,
+    params: dict[str, Any] | None,
+    model_parameters: Any,
+    model: torch.nn.Module,
+    train_batch_size: int | None = None,
+) -> torch.optim.Optimizer:
+    """The optimizer for ``"optimizer": {"type": name, "params": params}``.
+
+    ``weight_decay_groups`` (default true) splits plain parameters into the
+    usual groups (biases and norm layers without decay, and so without ALTO's
+    layer adaptation); false keeps one group.
+    """
+    params = dict(params or {})
+    grouping = params.pop(_GROUPING_KEY, True)
+    if not isinstance(grouping, bool):
+        raise ValueError(f"{_GROUPING_KEY} must be true or false, got {grouping!r}")
+    _resolve_auto(params, train_batch_size)
+    if name == "ALTO":
+        _check_keys(name, params, _ALTO_KEYS)
+        wd = params.get("weight_decay", 1e-4)
+        if grouping:
+            model_parameters = _grouped(model, model_parameters, wd)
+        elif model_parameters is None:
+            model_parameters = model.parameters()
+        if "betas" in params:
+            params["betas"] = tuple(params["betas"])
+        return ALTO(model_parameters, **params)
+
+    if name == "E":
+        if "base" not in params:
+            raise ValueError(
+                "optimizer 'E' needs params.base, the torch.optim optimizer it "
+                'wraps (e.g. "AdamW"); or use EAdamW, EAdam or ESGD'
+            )
+        base_name = params.pop("base")
+    else:
+        base_name = E_BASES[name]
+    base_class = _base_class(base_name)
+    e_kwargs = {k: params.pop(k) for k in _E_KEYS if k in params}
+    if "betas" in params:
+        params["betas"] = tuple(params["betas"])
+    import inspect
+
+    base_keys = [
+        k
+        for k in inspect.signature(base_class.__init__).parameters
+        if k not in ("self", "params")
+    ]
+    _check_keys(
+        name, params, [*base_keys, *_E_KEYS, *(["base"] if name == "E" else [])]
+    )
+    if grouping:
+        model_parameters = _grouped(
+            model, model_parameters, params.get("weight_decay", 0.0)
+        )
+    elif model_parameters is None:
+        model_parameters = model.parameters()
+    return E(base_class(model_parameters, **params), **e_kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Piece maps from the wrappers' partitions
+
+
+def _zero12_pieces(wrapper: Any) -> ShardedPieceMap:
+    """ZeRO-1/2 and BF16_Optimizer: one flat fp32 partition per group.
+
+    Parameter ``j`` of group ``i`` is ``bit16_groups[i][j]`` on every rank; the
+    fragment that this rank holds is ``_hp_mapping`` (absent where none).
+    """
+    pieces = ShardedPieceMap()
+    if type(wrapper).__name__ == "BF16_Optimizer":
+        groups = _internal(wrapper, "bf16_groups")
+        partitions = _internal(wrapper, "fp32_groups_flat_partition")
+    else:
+        groups = _internal(wrapper, "bit16_groups")
+        partitions = _internal(wrapper, "single_partition_of_fp32_groups")
+    process_groups = _internal(wrapper, "real_dp_process_group")
+    for i, (params, partition) in enumerate(zip(groups, partitions, strict=True)):
+        table = pieces.add_table(len(params), process_groups[i])
+        held = []
+        for j, param in enumerate(params):
+            mapping = getattr(param, "_hp_mapping", None)
+            if mapping is not None:
+                address = mapping.hp_fragment_address
+                held.append(Piece(j, int(address.start), int(address.numel)))
+        pieces.add(partition, held, table)
+    return pieces
+
+
+def _zero3_pieces(wrapper: Any) -> ShardedPieceMap:
+    """ZeRO-3: one flat fp32 tensor per sub-group, the concatenation of each
+    parameter's partition (``partition_numel()`` elements, zero-padded)."""
+    import torch.distributed as dist
+
+    pieces = ShardedPieceMap()
+    sub_groups = _internal(wrapper, "fp16_groups")
+    flats = _internal(wrapper, "fp32_partitioned_groups_flat")
+    process_groups = _internal(wrapper, "sub_group_process_groups")
+    for params, flat, group in zip(sub_groups, flats, process_groups, strict=True):
+        rank = dist.get_rank(group=group)
+        table = pieces.add_table(len(params), group)
+        held, start = [], 0
+        for j, param in enumerate(params):
+            size = param.partition_numel()
+            length = max(0, min(size, param.ds_numel - rank * size))
+            held.append(Piece(j, start, length))
+            start += size
+        pieces.add(flat, held, table)
+    return pieces
+
+
+def _piece_map(wrapper: Any, basic: torch.optim.Optimizer) -> Any:
+    kind = type(wrapper).__name__
+    if wrapper is basic or kind == "FP16_UnfusedOptimizer":
+        return SINGLE_PROCESS  # whole parameters (or whole fp32 copies)
+    if kind in ("DeepSpeedZeroOptimizer", "BF16_Optimizer"):
+        return _zero12_pieces(wrapper)
+    if kind == "DeepSpeedZeroOptimizer_Stage3":
+        return _zero3_pieces(wrapper)
+    raise NotImplementedError(
+        f"e_dist's ALTO does not know DeepSpeed's {kind} wrapper; supported: "
+        "ZeRO stages 0-3, BF16_Optimizer and FP16_UnfusedOptimizer"
+    )
+
+
+def _hand_clipping_to_engine(engine: Any, alto: ALTO) -> None:
+    """One global clip per step, DeepSpeed's.
+
+    ZeRO steps one group at a time, so ALTO cannot see every gradient before
+    it steps: DeepSpeed's ``gradient_clipping`` does the clip instead. Where
+    the config leaves it off, ALTO's ``max_grad_norm`` is installed there.
+    """
+    config_clip = float(engine.gradient_clipping() or 0.0)
+    ours = alto.max_grad_norm
+    alto.max_grad_norm = None
+    if ours is None or ours == config_clip:
+        return
+    if config_clip > 0:
+        logger.warning(
+            "e_dist: gradient_clipping=%s in the DeepSpeed config and ALTO's "
+            "max_grad_norm=%s differ; the config's value is used",
+            config_clip,
+            ours,
+        )
+        return
+    engine._config.gradient_clipping = ours
+    wrapper = engine.optimizer
+    if wrapper is not alto and hasattr(wrapper, "clip_grad"):
+        wrapper.clip_grad = ours
+    logger.info(
+        "e_dist: ALTO's max_grad_norm=%s is applied as DeepSpeed's gradient_clipping",
+        ours,
+    )
+
+
+def _link_state_once_complete(wrapper: Any) -> None:
+    """Link ``_hp_mapping`` to optimizer state only once every group has state.
+
+    ZeRO-1/2 links each parameter's fragment to the optimizer state right
+    after the first group's first step() and never again, so parameters of
+    later groups, whose state a lazily initialising optimizer has not yet
+    created, stay linked to nothing (``safe_get_full_optimizer_state`` and
+    universal checkpoints then fail on them). Linking is deferred until the
+    state of every partition exists.
+    """
+    link = getattr(wrapper, "_lazy_init_hp_params_optimizer_state", None)
+    partitions = getattr(wrapper, "single_partition_of_fp32_groups", None)
+    if link is None or partitions is None:
+        return
+
+    def link_when_complete() -> None:
+        if all(wrapper.optimizer.state.get(p) for p in partitions):
+            link()
+
+    wrapper._lazy_init_hp_params_optimizer_state = link_when_complete
+
+
+def attach(engine: Any) -> None:
+    """Give the engine's ALTO its piece map and DeepSpeed's clipping."""
+    basic = getattr(engine, "basic_optimizer", None)
+    if isinstance(basic, (ALTO, E)):
+        _link_state_once_complete(engine.optimizer)
+    if isinstance(basic, ALTO):
+        _hand_clipping_to_engine(engine, basic)
+        basic.piece_map = _piece_map(engine.optimizer, basic)
+
+
+# ---------------------------------------------------------------------------
+# Hooks
+
+
+def _patched_basic(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def configure_basic_optimizer(self, model_parameters):
+        name = self.optimizer_name()
+        if name not in NAMES:
+            return original(self, model_parameters)
+        return build_from_config(
+            name,
+            self.optimizer_params(),
+            model_parameters,
+            self.module,
+            self.train_batch_size(),
+        )
+
+    configure_basic_optimizer.e_dist_hook = True
+    return configure_basic_optimizer
+
+
+def _patched_is_supported(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def is_supported_optimizer(self, optimizer_name):
+        return optimizer_name in NAMES or original(self, optimizer_name)
+
+    is_supported_optimizer.e_dist_hook = True
+    return is_supported_optimizer
+
+
+def _patched_configure(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def configure_optimizer(self, client_optimizer, model_parameters):
+        original(self, client_optimizer, model_parameters)
+        attach(self)
+
+    configure_optimizer.e_dist_hook = True
+    return configure_optimizer
+
+
+@functools.cache
+def install() -> bool:
+    """Install the hooks once; False where DeepSpeed is not importable."""
+    try:
+        import deepspeed
+        from deepspeed.runtime.engine import DeepSpeedEngine
+        from deepspeed.runtime.zero import utils as zero_utils
+    except ImportError:
+        return False
+    if not deepspeed.__version__.startswith(TESTED_VERSIONS):
+        logger.warning(
+            "e_dist is tested with deepspeed %s; this is %s",
+            ", ".join(v + "x" for v in TESTED_VERSIONS),
+            deepspeed.__version__,
+        )
+    for name, make in (
+        ("_is_supported_optimizer", _patched_is_supported),
+        ("_configure_basic_optimizer", _patched_basic),
+        ("_configure_optimizer", _patched_configure),
+    ):
+        original = _internal(DeepSpeedEngine, name)
+        if not getattr(original, "e_dist_hook", False):
+            setattr(DeepSpeedEngine, name, make(original))
+    supported = _internal(zero_utils, "ZERO_SUPPORTED_OPTIMIZERS")
+    for cls in (ALTO, E):
+        if cls not in supported:
+            supported.append(cls)
+    return True

@@ -1,0 +1,90 @@
+"""Start real worker processes over gloo, one per rank, and wait for them.
+
+Each worker is ``python WORKER ARGS`` with the usual torch.distributed
+environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). Workers
+run in their own session, so a timeout kills them and everything they
+started; nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TESTS = Path(__file__).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_workers(
+    worker: str, world_size: int, args: list[str], timeout: float
+) -> list[str]:
+    """Run ``tests/<worker>`` on ``world_size`` ranks; return each rank's output.
+
+    Fails (with every rank's output) if any rank exits non-zero or the
+    deadline passes.
+    """
+    port = free_port()
+    logs, procs = [], []
+    for rank in range(world_size):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join(
+                [str(TESTS), os.environ.get("PYTHONPATH", "")]
+            ),
+        }
+        log = tempfile.TemporaryFile(mode="w+")
+        logs.append(log)
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(TESTS / worker), *args],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+    deadline = time.monotonic() + timeout
+    try:
+        for proc in procs:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        timed_out = any(p.poll() is None for p in procs)
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    outputs = []
+    for log in logs:
+        log.seek(0)
+        outputs.append(log.read())
+        log.close()
+    failed = [r for r, p in enumerate(procs) if p.returncode != 0]
+    if timed_out or failed:
+        text = "\n".join(
+            f"--- rank {r} ---\n{out[-6000:]}" for r, out in enumerate(outputs)
+        )
+        reason = (
+            f"timed out after {timeout}s" if timed_out else f"ranks {failed} failed"
+        )
+        raise AssertionError(f"{worker} {args} on {world_size} ranks {reason}\n{text}")
+    return outputs
