@@ -374,6 +374,20 @@ def _patched_configure(original: Callable) -> Callable:
 
 
 @functools.cache
+def check_version(version: str) -> bool:
+    """Whether e_dist is tested with this deepspeed; warns once if not."""
+    if version.startswith(TESTED_VERSIONS):
+        return True
+    logger.warning(
+        "e_dist is tested with deepspeed %s; this is %s. It runs as long as the "
+        "internals it relies on are there, and says which one is missing if not.",
+        ", ".join(v + "x" for v in TESTED_VERSIONS),
+        version,
+    )
+    return False
+
+
+@functools.cache
 def install() -> bool:
     """Install the hooks once; False where DeepSpeed is not importable."""
     try:
@@ -382,12 +396,7 @@ def install() -> bool:
         from deepspeed.runtime.zero import utils as zero_utils
     except ImportError:
         return False
-    if not deepspeed.__version__.startswith(TESTED_VERSIONS):
-        logger.warning(
-            "e_dist is tested with deepspeed %s; this is %s",
-            ", ".join(v + "x" for v in TESTED_VERSIONS),
-            deepspeed.__version__,
-        )
+    check_version(deepspeed.__version__)
     for name, make in (
         ("_is_supported_optimizer", _patched_is_supported),
         ("_configure_basic_optimizer", _patched_basic),
