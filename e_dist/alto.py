@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -120,7 +119,7 @@ class ALTO(torch.optim.Optimizer):
             )
         self.max_grad_norm = max_grad_norm
         self.implementation = implementation
-        self.piece_map = piece_map or SINGLE_PROCESS
+        self._auto_piece_map = piece_map is None
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -133,10 +132,22 @@ class ALTO(torch.optim.Optimizer):
         )
         _check_group(defaults)
         super().__init__(params, defaults)
+        self.piece_map = piece_map or SINGLE_PROCESS
+        self._find_pieces()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         _check_group(self.param_groups[-1])
+        if hasattr(self, "piece_map"):  # a group added after construction
+            self._find_pieces()
+
+    def _find_pieces(self) -> None:
+        """Sharded parameters (DTensors, FSDP1's views) bring their own map."""
+        if self._auto_piece_map:
+            from e_dist.fsdp import auto_piece_map
+
+            params = [p for g in self.param_groups for p in g["params"]]
+            self.piece_map = auto_piece_map(params)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of this class or of the reference package's ALTO.
@@ -182,49 +193,47 @@ class ALTO(torch.optim.Optimizer):
 
         # Pass 1: advance every state; collect norms where layers adapt.
         adaptive = []
-        for group, key, tensors in buckets:
-            h, lr = self._moments(group, key[2])
-            if group["adaptation"] == "none" or (
-                group["adaptation"] == "reference" and group["weight_decay"] == 0
-            ):
-                update.advance(*tensors, scale_grad, h, lr, self.implementation)
+        for bucket in buckets:
+            h, lr = self._moments(bucket.group, bucket.step)
+            if not _adapts(bucket.group):
+                update.advance(*bucket.tensors, scale_grad, h, lr, self.implementation)
                 continue
-            sums = update.advance(*tensors, scale_grad, h, None, self.implementation)
-            adaptive.append((group, h, lr, tensors, sums))
-        if not adaptive:
+            sums = update.advance(
+                *bucket.tensors, scale_grad, h, None, self.implementation
+            )
+            adaptive.append((bucket, h, lr, sums))
+        if not adaptive and not self.piece_map.reduces_every_step:
             return loss
 
         # The whole parameters' norms: one reduction for all groups together.
-        local = [t for _, _, _, tensors, _ in adaptive for t in tensors[0]]
-        full = self.piece_map.full_sums(local, torch.cat([a[4] for a in adaptive]))
+        keys = [key for bucket, _, _, _ in adaptive for key in bucket.keys]
+        sums = [a[3] for a in adaptive] or [torch.zeros(0, 2, dtype=torch.float64)]
+        full = self.piece_map.full_sums(keys, torch.cat(sums))
 
         # Pass 2: step each segment by lr times its parameter's trust ratio.
         row = 0
-        for group, h, lr, tensors, sums in adaptive:
+        for bucket, h, lr, sums in adaptive:
             rows = full[row : row + sums.shape[0]]
             row += sums.shape[0]
+            group = bucket.group
             ratio = update.trust_ratios(
                 rows, group["adaptation"], group["trust_eps"], group["weight_norm_eps"]
             )
-            params, _, _, exp_avgs, exp_avg_sqs, offsets = tensors
+            params, _, _, exp_avgs, exp_avg_sqs, offsets = bucket.tensors
             update.apply(
                 params, exp_avgs, exp_avg_sqs, offsets, lr * ratio, h,
                 self.implementation,
             )  # fmt: skip
         return loss
 
-    def _buckets(self) -> list[tuple[dict[str, Any], tuple, tuple]]:
+    def _buckets(self) -> list[_Bucket]:
         """Tensors with gradients, by group, device, dtype and step count.
 
-        Creates missing state and advances every step count. Each bucket's
-        tensors are ``(params, grads, grad_emas, exp_avgs, exp_avg_sqs,
-        offsets)``.
+        Creates missing state and advances every step count.
         """
         buckets = []
         for group in self.param_groups:
-            by_key: dict[tuple, list[list]] = defaultdict(
-                lambda: [[] for _ in range(6)]
-            )
+            by_key: dict[tuple, _Bucket] = {}
             for param in group["params"]:
                 grad = param.grad
                 if grad is None:
@@ -237,30 +246,36 @@ class ALTO(torch.optim.Optimizer):
                 # Step counts live on the CPU, as torch's optimizers keep them,
                 # so reading one synchronizes no device.
                 state[STEP] += 1
-                key = (param.device, param.dtype, int(state[STEP]))
-                tensors = (
+                step = int(state[STEP])
+                key = (param.device, param.dtype, step)
+                bucket = by_key.get(key)
+                if bucket is None:
+                    bucket = by_key[key] = _Bucket(group, step)
+                bucket.add(
                     param,
-                    grad,
-                    state[GRAD_EMA],
-                    state[EXP_AVG],
-                    state[EXP_AVG_SQ],
+                    (grad, state[GRAD_EMA], state[EXP_AVG], state[EXP_AVG_SQ]),
+                    self.piece_map.offsets(param),
                 )
-                columns = by_key[key]
-                for column, tensor in zip(columns[:5], tensors, strict=True):
-                    column.append(tensor)
-                columns[5].append(self.piece_map.offsets(param))
-            buckets += [(group, key, tuple(cols)) for key, cols in by_key.items()]
+            buckets += by_key.values()
         return buckets
 
-    def _clip_coefficient(self, buckets) -> Tensor:
+    def _clip_coefficient(self, buckets: list[_Bucket]) -> Tensor:
         """min(1, max_grad_norm / (global grad norm + 1e-6)), as a tensor."""
-        if self.max_grad_norm is None or not buckets:
+        if self.max_grad_norm is None or (
+            not buckets and not self.piece_map.reduces_every_step
+        ):
             return torch.ones((), dtype=torch.float64)
-        local = None
-        for _, _, tensors in buckets:
-            sums = update.segment_sq_sums(tensors[1], tensors[5], self.implementation)
-            local = sums.sum() if local is None else local + sums.sum().to(local.device)
-        total_norm = self.piece_map.global_sq_sum(local).sqrt()
+        sums = [
+            update.segment_sq_sums(b.tensors[1], b.tensors[5], self.implementation)
+            for b in buckets
+        ]
+        if sums:
+            device = sums[0].device
+            sums = torch.cat([s.to(device) for s in sums])
+        else:
+            sums = torch.zeros(0, dtype=torch.float64)
+        keys = [key for bucket in buckets for key in bucket.keys]
+        total_norm = self.piece_map.global_sq_sum(keys, sums).sqrt()
         return (self.max_grad_norm / (total_norm + _CLIP_EPS)).clamp(max=1.0)
 
     @staticmethod
@@ -277,6 +292,35 @@ class ALTO(torch.optim.Optimizer):
             weight_decay=group["weight_decay"],
         )
         return h, group["lr"]
+
+
+class _Bucket:
+    """Parameters of one group that share device, dtype and step count.
+
+    ``keys`` are the optimizer's own parameter objects (what a piece map knows
+    them by); ``tensors`` their local views: ``(params, grads, grad_emas,
+    exp_avgs, exp_avg_sqs, offsets)``.
+    """
+
+    def __init__(self, group: dict[str, Any], step: int) -> None:
+        self.group = group
+        self.step = step
+        self.keys: list[Tensor] = []
+        self.tensors: tuple[list, ...] = tuple([] for _ in range(6))
+
+    def add(
+        self, param: Tensor, others: tuple[Tensor, ...], offsets: list[int]
+    ) -> None:
+        self.keys.append(param)
+        for column, tensor in zip(self.tensors, (param, *others), strict=False):
+            column.append(update.local(tensor))
+        self.tensors[5].append(offsets)
+
+
+def _adapts(group: dict[str, Any]) -> bool:
+    """Whether the group's steps take a trust ratio."""
+    mode = group["adaptation"]
+    return mode == "paper" or (mode == "reference" and group["weight_decay"] != 0)
 
 
 def _init_state(state: dict[str, Any], param: Tensor) -> None:

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from e_dist import hparams
+from e_dist import hparams, registry
 from e_dist.alto import ALTO
 from e_dist.e import E
 from e_dist.groups import weight_decay_groups
@@ -37,24 +37,8 @@ logger = logging.getLogger(__name__)
 
 TESTED_VERSIONS = ("0.19.",)
 
-# Names accepted in "optimizer": {"type": ...}, with their base optimizers.
-E_BASES: dict[str, str] = {"EAdam": "Adam", "EAdamW": "AdamW", "ESGD": "SGD"}
-NAMES = ("ALTO", "E", *E_BASES)
-
 # Keys of "params" that e_dist consumes itself; the rest go to the optimizer.
 _GROUPING_KEY = "weight_decay_groups"
-_E_KEYS = ("alpha", "beta", "noise_std", "grad_clip")
-_ALTO_KEYS = (
-    "lr",
-    "betas",
-    "alpha",
-    "eps",
-    "weight_decay",
-    "adaptation",
-    "trust_eps",
-    "weight_norm_eps",
-    "implementation",
-)
 
 
 class UnsupportedDeepSpeed(RuntimeError):
@@ -76,13 +60,6 @@ def _internal(obj: Any, name: str) -> Any:
 
 # ---------------------------------------------------------------------------
 # Building optimizers from the config
-
-
-def _base_class(name: str) -> type[torch.optim.Optimizer]:
-    base = getattr(torch.optim, name, None)
-    if not (isinstance(base, type) and issubclass(base, torch.optim.Optimizer)):
-        raise ValueError(f"E's base must name a torch.optim optimizer, got {name!r}")
-    return base
 
 
 def _resolve_auto(params: dict[str, Any], train_batch_size: int | None) -> None:
@@ -110,23 +87,11 @@ def _resolve_auto(params: dict[str, Any], train_batch_size: int | None) -> None:
     )
 
 
-def _check_keys(name: str, params: dict[str, Any], accepted: Iterable[str]) -> None:
-    accepted = sorted({*accepted, _GROUPING_KEY})
-    unknown = sorted(set(params) - set(accepted))
-    if unknown:
-        raise ValueError(
-            f"unknown key(s) {unknown} in the params of optimizer {name!r}; "
-            f"accepted: {accepted}"
-        )
-
-
 def _grouped(model: torch.nn.Module, model_parameters: Any, weight_decay: float) -> Any:
     """Plain parameters become the usual decay / no-decay groups.
 
     Groups passed by the caller (dicts) are kept as they are.
     """
-    if model_parameters is None:
-        model_parameters = model.parameters()
     items = list(model_parameters)
     if not items or isinstance(items[0], dict):
         return items
@@ -161,47 +126,17 @@ def build_from_config(
     if not isinstance(grouping, bool):
         raise ValueError(f"{_GROUPING_KEY} must be true or false, got {grouping!r}")
     _resolve_auto(params, train_batch_size)
+    # Validate the keys before touching the parameters.
+    registry.accepted_keys(name)
     if name == "ALTO":
-        _check_keys(name, params, _ALTO_KEYS)
-        wd = params.get("weight_decay", 1e-4)
-        if grouping:
-            model_parameters = _grouped(model, model_parameters, wd)
-        elif model_parameters is None:
-            model_parameters = model.parameters()
-        if "betas" in params:
-            params["betas"] = tuple(params["betas"])
-        return ALTO(model_parameters, **params)
-
-    if name == "E":
-        if "base" not in params:
-            raise ValueError(
-                "optimizer 'E' needs params.base, the torch.optim optimizer it "
-                'wraps (e.g. "AdamW"); or use EAdamW, EAdam or ESGD'
-            )
-        base_name = params.pop("base")
+        weight_decay = params.get("weight_decay", 1e-4)
     else:
-        base_name = E_BASES[name]
-    base_class = _base_class(base_name)
-    e_kwargs = {k: params.pop(k) for k in _E_KEYS if k in params}
-    if "betas" in params:
-        params["betas"] = tuple(params["betas"])
-    import inspect
-
-    base_keys = [
-        k
-        for k in inspect.signature(base_class.__init__).parameters
-        if k not in ("self", "params")
-    ]
-    _check_keys(
-        name, params, [*base_keys, *_E_KEYS, *(["base"] if name == "E" else [])]
-    )
-    if grouping:
-        model_parameters = _grouped(
-            model, model_parameters, params.get("weight_decay", 0.0)
-        )
-    elif model_parameters is None:
+        weight_decay = params.get("weight_decay", 0.0)
+    if model_parameters is None:
         model_parameters = model.parameters()
-    return E(base_class(model_parameters, **params), **e_kwargs)
+    if grouping:
+        model_parameters = _grouped(model, model_parameters, weight_decay)
+    return registry.build(name, model_parameters, extra_keys=[_GROUPING_KEY], **params)
 
 
 # ---------------------------------------------------------------------------
@@ -223,7 +158,7 @@ def _zero12_pieces(wrapper: Any) -> ShardedPieceMap:
         partitions = _internal(wrapper, "single_partition_of_fp32_groups")
     process_groups = _internal(wrapper, "real_dp_process_group")
     for i, (params, partition) in enumerate(zip(groups, partitions, strict=True)):
-        table = pieces.add_table(len(params), process_groups[i])
+        table = pieces.add_table(len(params), (process_groups[i],))
         held = []
         for j, param in enumerate(params):
             mapping = getattr(param, "_hp_mapping", None)
@@ -245,7 +180,7 @@ def _zero3_pieces(wrapper: Any) -> ShardedPieceMap:
     process_groups = _internal(wrapper, "sub_group_process_groups")
     for params, flat, group in zip(sub_groups, flats, process_groups, strict=True):
         rank = dist.get_rank(group=group)
-        table = pieces.add_table(len(params), group)
+        table = pieces.add_table(len(params), (group,))
         held, start = [], 0
         for j, param in enumerate(params):
             size = param.partition_numel()
@@ -340,7 +275,7 @@ def _patched_basic(original: Callable) -> Callable:
     @functools.wraps(original)
     def configure_basic_optimizer(self, model_parameters):
         name = self.optimizer_name()
-        if name not in NAMES:
+        if name not in registry.NAMES:
             return original(self, model_parameters)
         return build_from_config(
             name,
@@ -357,7 +292,7 @@ def _patched_basic(original: Callable) -> Callable:
 def _patched_is_supported(original: Callable) -> Callable:
     @functools.wraps(original)
     def is_supported_optimizer(self, optimizer_name):
-        return optimizer_name in NAMES or original(self, optimizer_name)
+        return optimizer_name in registry.NAMES or original(self, optimizer_name)
 
     is_supported_optimizer.e_dist_hook = True
     return is_supported_optimizer

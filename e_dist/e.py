@@ -211,8 +211,8 @@ class E(torch.optim.Optimizer):
                     # first step, which may take an empty state to mean "new".
                     grad_ema = torch.zeros_like(grad)
                     new_emas.append((param, grad_ema))
-                grads.append(grad)
-                grad_emas.append(grad_ema)
+                grads.append(update.local(grad))
+                grad_emas.append(update.local(grad_ema))
 
         update.explore(
             grads, grad_emas, self.alpha * (1.0 - self.beta), self.beta,

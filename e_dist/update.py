@@ -35,6 +35,14 @@ from torch import Tensor
 
 from e_dist import native
 
+if torch.distributed.is_available():
+    from torch.distributed.tensor import DTensor as _DTENSOR
+else:  # pragma: no cover - torch builds without distributed
+
+    class _DTENSOR:
+        pass
+
+
 # State keys. torch's names where the meaning is torch's.
 STEP = "step"
 EXP_AVG = "exp_avg"
@@ -71,6 +79,11 @@ def grad_ema_from_reference(prev_grad: Tensor, exp_grad_diff: Tensor, beta: floa
     mu_{k-1} = g_{k-1} - beta * a_{k-1} / (1 - beta).
     """
     return prev_grad - exp_grad_diff * (beta / (1.0 - beta))
+
+
+def local(t: Tensor) -> Tensor:
+    """This process's part of a DTensor (a view), or the tensor itself."""
+    return t.to_local() if isinstance(t, _DTENSOR) else t
 
 
 def whole_offsets(tensors: Sequence[Tensor]) -> list[list[int]]:

@@ -145,9 +145,7 @@ def test_config_handling():
         "ValueError: unknown key(s) ['momentum'] in the params of optimizer 'ALTO'; "
         "accepted: ['adaptation', 'alpha', 'betas', 'eps', 'implementation', 'lr', "
     )
-    assert (
-        "needs params.base, the torch.optim optimizer it wraps" in row["e_without_base"]
-    )
+    assert "needs base, the torch.optim optimizer it wraps" in row["e_without_base"]
     assert (
         "E's base must name a torch.optim optimizer, got 'Adamm'"
         in row["e_unknown_base"]
