@@ -37,29 +37,30 @@ from e_dist import update
 Groups = tuple[Any, ...]
 
 
-def _all_reduce(buffers: dict[Groups, Tensor]) -> None:
-    """Sum each buffer over each of its groups, in place, with one all-reduce
-    per distinct process group: the buffers that a group sums travel together.
+def _all_reduce(buffer: Tensor, ranges: dict[Groups, tuple[int, int]]) -> None:
+    """Sum rows ``[a, b)`` of ``buffer`` over each group of their reduction, in
+    place, with one all-reduce per distinct process group: the rows that a
+    group sums travel together.
 
-    Every process holds the same keys in the same order, so the collectives
-    line up; sums over several groups commute, so their order is free.
+    Every process holds the same reductions in the same order, so the
+    collectives line up; sums over several groups commute, so their order is
+    free.
     """
     order: list[Any] = []
-    for groups in buffers:
+    for groups in ranges:
         order += [g for g in groups if all(g is not h for h in order)]
     for group in order:
-        members = [
-            b for groups, b in buffers.items() if any(g is group for g in groups)
-        ]
-        if len(members) == 1:
-            dist.all_reduce(members[0], group=group)
+        spans = [ab for groups, ab in ranges.items() if any(g is group for g in groups)]
+        if len(spans) == 1:
+            a, b = spans[0]
+            dist.all_reduce(buffer[a:b], group=group)  # rows: contiguous
             continue
-        flat = torch.cat([m.reshape(-1) for m in members])
-        dist.all_reduce(flat, group=group)
-        for member, part in zip(
-            members, flat.split([m.numel() for m in members]), strict=True
-        ):
-            member.copy_(part.view_as(member))
+        packed = torch.cat([buffer[a:b] for a, b in spans])
+        dist.all_reduce(packed, group=group)
+        row = 0
+        for a, b in spans:
+            buffer[a:b] = packed[row : row + b - a]
+            row += b - a
 
 
 class PieceMap:
@@ -113,6 +114,16 @@ class _Table:
     groups: Groups
 
 
+@dataclass
+class _Plan:
+    width: int  # rows of the step's norm buffer
+    ranges: dict[Groups, tuple[int, int, int]]  # reduction: (index, first row, end)
+    real: Tensor  # segments that belong to a parameter (not padding)
+    rows: Tensor  # their rows in the buffer
+    reduction: Tensor  # their reduction's index
+    device: torch.device
+
+
 class ShardedPieceMap(PieceMap):
     """Local tensors that hold pieces of parameters, summed over process groups.
 
@@ -128,11 +139,13 @@ class ShardedPieceMap(PieceMap):
     def __init__(self, reduces_every_step: bool = False) -> None:
         self._layouts: dict[int, _Layout] = {}
         self._tables: list[_Table] = []
+        self._plans: dict[tuple[int, ...], _Plan] = {}
         self.reduces_every_step = reduces_every_step
 
     def add_table(self, num_params: int, groups: Groups) -> int:
         """Declare a parameter list summed over ``groups``; returns its id."""
         self._tables.append(_Table(num_params, tuple(groups)))
+        self._plans.clear()
         return len(self._tables) - 1
 
     def add(self, param: Tensor, pieces: Sequence[Piece], table: int) -> None:
@@ -159,6 +172,7 @@ class ShardedPieceMap(PieceMap):
         if position < numel:
             offsets.append(numel)
             slots.append(-1)
+        self._plans.clear()
         self._layouts[id(param)] = _Layout(
             offsets=offsets,
             slots=torch.tensor(slots, dtype=torch.int64, device=local.device),
@@ -178,61 +192,75 @@ class ShardedPieceMap(PieceMap):
     def offsets(self, param: Tensor) -> list[int]:
         return self._layout(param).offsets
 
-    def _tables_in_step(self, layouts: Sequence[_Layout]) -> list[int]:
-        if self.reduces_every_step:
-            return list(range(len(self._tables)))
-        return sorted({layout.table for layout in layouts})
+    def _plan(self, params: Sequence[Tensor]) -> _Plan:
+        """Where each segment of ``params`` goes in the step's buffers; cached,
+        since the same parameters come back step after step."""
+        key = tuple(id(p) for p in params)
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        layouts = [self._layout(p) for p in params]
+        tables = (
+            range(len(self._tables))
+            if self.reduces_every_step
+            else sorted({layout.table for layout in layouts})
+        )
+        # Rows of one buffer: each reduction's tables side by side.
+        reductions: dict[Groups, list[int]] = {}
+        for table in tables:
+            reductions.setdefault(self._tables[table].groups, []).append(table)
+        base, ranges, row = {}, {}, 0
+        for r, (groups, members) in enumerate(reductions.items()):
+            start = row
+            for table in members:
+                base[table] = row
+                row += self._tables[table].num_params
+            ranges[groups] = (r, start, row)
+        device = layouts[0].slots.device if layouts else self._default_device()
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        rows = torch.cat(
+            [
+                torch.where(lay.slots >= 0, lay.slots + base[lay.table], -1)
+                for lay in layouts
+            ]
+            or [empty]
+        )
+        reduction = torch.cat(
+            [
+                torch.full_like(lay.slots, ranges[self._tables[lay.table].groups][0])
+                for lay in layouts
+            ]
+            or [empty]
+        )
+        real = torch.nonzero(rows >= 0).flatten()
+        plan = _Plan(
+            width=row,
+            ranges=ranges,
+            real=real,
+            rows=rows[real],
+            reduction=reduction[real],
+            device=device,
+        )
+        if len(self._plans) > 64:  # parameters without gradients vary: bound it
+            self._plans.clear()
+        self._plans[key] = plan
+        return plan
 
     def full_sums(self, params: Sequence[Tensor], sums: Tensor) -> Tensor:
-        layouts = [self._layout(p) for p in params]
-        device = sums.device if len(params) else self._default_device()
+        plan = self._plan(params)
+        buffer = torch.zeros(plan.width, 2, dtype=torch.float64, device=plan.device)
+        buffer.index_add_(0, plan.rows, sums[plan.real].to(torch.float64))
+        _all_reduce(buffer, {g: (a, b) for g, (_, a, b) in plan.ranges.items()})
         full = sums.clone()
-
-        # One buffer per reduction, its tables side by side.
-        columns: dict[int, int] = {}
-        widths: dict[Groups, int] = {}
-        for table in self._tables_in_step(layouts):
-            groups = self._tables[table].groups
-            columns[table] = widths.get(groups, 0)
-            widths[groups] = columns[table] + self._tables[table].num_params
-        buffers = {
-            g: torch.zeros(2, w, dtype=torch.float64, device=device)
-            for g, w in widths.items()
-        }
-
-        picks, row = [], 0
-        for layout in layouts:
-            rows = torch.arange(row, row + len(layout.slots), device=device)
-            row += len(layout.slots)
-            real = layout.slots >= 0
-            rows, index = rows[real], layout.slots[real] + columns[layout.table]
-            groups = self._tables[layout.table].groups
-            buffers[groups].index_add_(1, index, sums[rows].T.to(torch.float64))
-            picks.append((rows, index, groups))
-        _all_reduce(buffers)
-        for rows, index, groups in picks:
-            full[rows] = buffers[groups][:, index].T.to(full.dtype)
+        full[plan.real] = buffer[plan.rows].to(full.dtype)
         return full
 
     def global_sq_sum(self, params: Sequence[Tensor], sq_sums: Tensor) -> Tensor:
-        layouts = [self._layout(p) for p in params]
-        device = sq_sums.device if len(params) else self._default_device()
-        totals = {
-            self._tables[t].groups: torch.zeros((), dtype=torch.float64, device=device)
-            for t in self._tables_in_step(layouts)
-        }
-        row = 0
-        for layout in layouts:
-            rows = sq_sums[row : row + len(layout.slots)]
-            row += len(layout.slots)
-            real = layout.slots >= 0
-            groups = self._tables[layout.table].groups
-            totals[groups] = totals[groups] + rows[real].to(torch.float64).sum()
-        _all_reduce(totals)
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        for value in totals.values():
-            total = total + value
-        return total
+        plan = self._plan(params)
+        totals = torch.zeros(len(plan.ranges), dtype=torch.float64, device=plan.device)
+        totals.index_add_(0, plan.reduction, sq_sums[plan.real].to(torch.float64))
+        _all_reduce(totals, {g: (r, r + 1) for g, (r, _, _) in plan.ranges.items()})
+        return totals.sum()
 
     def _default_device(self) -> torch.device:
         for layout in self._layouts.values():

@@ -82,8 +82,16 @@ def grad_ema_from_reference(prev_grad: Tensor, exp_grad_diff: Tensor, beta: floa
 
 
 def local(t: Tensor) -> Tensor:
-    """This process's part of a DTensor (a view), or the tensor itself."""
-    return t.to_local() if isinstance(t, _DTENSOR) else t
+    """This process's part of a DTensor, or the tensor itself.
+
+    A DTensor's local tensor is its ``_local_tensor``; ``to_local()`` returns
+    the same data through an autograd function, about 20 times slower, which
+    adds up over five tensors per parameter per step.
+    """
+    if isinstance(t, _DTENSOR):
+        inner = getattr(t, "_local_tensor", None)
+        return inner if inner is not None else t.to_local()
+    return t
 
 
 def whole_offsets(tensors: Sequence[Tensor]) -> list[list[int]]:
