@@ -62,24 +62,28 @@ def _internal(obj: Any, name: str) -> Any:
 # Building optimizers from the config
 
 
-def _resolve_auto(params: dict[str, Any], train_batch_size: int | None) -> None:
-    """Replace ``"auto"`` in alpha, beta and betas by the paper's rule."""
-    wanted = [k for k in ("alpha", "beta", "betas") if params.get(k) == "auto"]
+def _resolve_auto(name: str, params: dict[str, Any], train_batch_size: Any) -> None:
+    """Replace ``"auto"`` by the paper's rule: ALTO's alpha and betas, E's
+    alpha and beta."""
+    wanted = [k for k, v in params.items() if isinstance(v, str) and v == "auto"]
     if not wanted:
         return
-    if train_batch_size is None:
+    allowed = ("alpha", "betas") if name == "ALTO" else ("alpha", "beta")
+    refused = [k for k in wanted if k not in allowed]
+    if refused:
         raise ValueError(
-            f"{', '.join(wanted)} = 'auto' needs train_batch_size in the config"
+            f"'auto' is accepted for {list(allowed)} of optimizer {name!r}, "
+            f"not for {refused}"
         )
+    if train_batch_size is None:
+        raise ValueError(f"{wanted} = 'auto' needs train_batch_size in the config")
     preset = hparams.alto_preset(train_batch_size)
-    for key in wanted:
-        if key == "alpha":
-            params[key] = preset["alpha"]
-        elif key == "beta":
-            params[key] = preset["betas"][0]
-        else:
-            betas = preset["betas"]
-            params[key] = betas
+    rule = {
+        "alpha": preset["alpha"],
+        "beta": preset["betas"][0],
+        "betas": preset["betas"],
+    }
+    params.update({k: rule[k] for k in wanted})
     logger.info(
         "e_dist: train_batch_size %d gives %s",
         train_batch_size,
@@ -125,9 +129,7 @@ def build_from_config(
     grouping = params.pop(_GROUPING_KEY, True)
     if not isinstance(grouping, bool):
         raise ValueError(f"{_GROUPING_KEY} must be true or false, got {grouping!r}")
-    _resolve_auto(params, train_batch_size)
-    # Validate the keys before touching the parameters.
-    registry.accepted_keys(name)
+    _resolve_auto(name, params, train_batch_size)
     if name == "ALTO":
         weight_decay = params.get("weight_decay", 1e-4)
     else:

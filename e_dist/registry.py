@@ -35,15 +35,6 @@ def base_class(name: str) -> type[torch.optim.Optimizer]:
     return base
 
 
-def accepted_keys(name: str) -> list[str]:
-    """The keyword arguments that optimizer ``name`` takes."""
-    if name == "ALTO":
-        return sorted(ALTO_KEYS)
-    if name not in NAMES:
-        raise ValueError(f"unknown optimizer {name!r}; known: {list(NAMES)}")
-    return sorted({*E_KEYS, *(["base"] if name == "E" else [])})
-
-
 def _check_keys(name: str, kwargs: dict[str, Any], accepted: Iterable[str]) -> None:
     accepted = sorted(set(accepted))
     unknown = sorted(set(kwargs) - set(accepted))

@@ -424,6 +424,9 @@ def config(args: dict) -> None:
     out["e_unknown_key"] = _error_of(
         lambda: build({"type": "EAdamW", "params": {"lr": 1e-3, "betaz": 1}})
     )
+    out["auto_betas_for_e"] = _error_of(
+        lambda: build({"type": "EAdamW", "params": {"betas": "auto"}})
+    )
     out["unstable"] = _error_of(
         lambda: build({"type": "ALTO", "params": {"betas": [0.1, 0.9, 0.99]}})
     )

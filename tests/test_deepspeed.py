@@ -155,6 +155,10 @@ def test_config_handling():
         in row["e_unknown_key"]
     )
     assert "reference ALTO class's defaults" in row["unstable"]
+    assert row["auto_betas_for_e"] == (
+        "ValueError: 'auto' is accepted for ['alpha', 'beta'] of optimizer 'EAdamW', "
+        "not for ['betas']"
+    )
     assert row["auto_4"] == {"alpha": 0.5, "betas": [0.01, 0.9, 0.99]}
     assert row["auto_2048"] == {"alpha": -5.0, "betas": [0.99, 0.9, 0.99]}
     assert row["auto_e"] == {"alpha": 0.5, "beta": 0.01}
