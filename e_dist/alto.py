@@ -119,6 +119,11 @@ class ALTO(torch.optim.Optimizer):
             )
         self.max_grad_norm = max_grad_norm
         self.implementation = implementation
+        # For logging, read outside step(): the global gradient norm before
+        # ALTO's own clip (None when it does not clip), and the trust ratio of
+        # every segment stepped with one in the last step.
+        self.last_grad_norm: Tensor | None = None
+        self.last_trust_ratios: Tensor | None = None
         self._auto_piece_map = piece_map is None
         defaults = dict(
             lr=lr,
@@ -211,7 +216,7 @@ class ALTO(torch.optim.Optimizer):
         full = self.piece_map.full_sums(keys, torch.cat(sums))
 
         # Pass 2: step each segment by lr times its parameter's trust ratio.
-        row = 0
+        ratios, row = [], 0
         for bucket, h, lr, sums in adaptive:
             rows = full[row : row + sums.shape[0]]
             row += sums.shape[0]
@@ -219,11 +224,13 @@ class ALTO(torch.optim.Optimizer):
             ratio = update.trust_ratios(
                 rows, group["adaptation"], group["trust_eps"], group["weight_norm_eps"]
             )
+            ratios.append(ratio)
             params, _, _, exp_avgs, exp_avg_sqs, offsets = bucket.tensors
             update.apply(
                 params, exp_avgs, exp_avg_sqs, offsets, lr * ratio, h,
                 self.implementation,
             )  # fmt: skip
+        self.last_trust_ratios = torch.cat(ratios) if ratios else None
         return loss
 
     def _buckets(self) -> list[_Bucket]:
@@ -276,6 +283,7 @@ class ALTO(torch.optim.Optimizer):
             sums = torch.zeros(0, dtype=torch.float64)
         keys = [key for bucket in buckets for key in bucket.keys]
         total_norm = self.piece_map.global_sq_sum(keys, sums).sqrt()
+        self.last_grad_norm = total_norm
         return (self.max_grad_norm / (total_norm + _CLIP_EPS)).clamp(max=1.0)
 
     @staticmethod

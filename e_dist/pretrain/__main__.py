@@ -1,0 +1,3 @@
+from e_dist.pretrain.train import main
+
+main()

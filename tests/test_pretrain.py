@@ -1,0 +1,63 @@
+"""The main job end to end on 2 CPU ranks, with DeepSpeed and with FSDP2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from dist_harness import free_port
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def pretrain(tmp_path: Path, backend: str, name: str, *extra: str) -> list[dict]:
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", str(free_port()), "-m", "e_dist.pretrain",
+        "--backend", backend, "--preset", "tiny", "--steps", "20", "--warmup", "5",
+        "--eval-every", "10", "--checkpoint-every", "100", "--runs", str(tmp_path),
+        "--name", name, "--no-progress", *extra,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        command,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        start_new_session=True,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+@pytest.mark.parametrize("backend", ["deepspeed", "fsdp"])
+def test_tiny_run_learns_writes_and_resumes(tmp_path, backend):
+    rows = pretrain(tmp_path, backend, "straight")
+    train = [r for r in rows if r["kind"] == "train"]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [r["step"] for r in train] == list(range(1, 21))
+    assert [r["step"] for r in evals] == [10, 20]
+    assert evals[1]["loss"] < evals[0]["loss"] < train[0]["loss"]
+    first = sum(r["loss"] for r in train[:5]) / 5
+    last = sum(r["loss"] for r in train[-5:]) / 5
+    assert last < first - 0.2, (first, last)
+    for key in ("lr", "perplexity", "grad_norm", "tokens_per_s", "trust_ratio_median"):
+        assert all(key in r for r in train), key
+    run = tmp_path / "straight"
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run / "checkpoints" / "latest").read_text() == "step0000020"
+
+    # Stopped after step 12, resumed: the same curve as the uninterrupted run.
+    pretrain(tmp_path, backend, "resumed", "--until", "12", "--checkpoint-every", "4")
+    resumed = pretrain(tmp_path, backend, "resumed", "--resume")
+    strip = [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+    assert [
+        {k: v for k, v in r.items() if k != "tokens_per_s"} for r in resumed
+    ] == strip
