@@ -18,11 +18,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
+from common import launch
 
 OPTIMIZERS = {
     "DeepSpeed AdamW (FusedAdam)": {"type": "AdamW", "params": {"lr": 1e-3}},
@@ -34,30 +34,6 @@ OPTIMIZERS = {
     "e_dist EAdamW": {"type": "EAdamW", "params": {"lr": 1e-3}},
 }
 BASELINE = "DeepSpeed AdamW (FusedAdam)"
-
-
-def launch(argv: list[str], world: int) -> None:
-    """Start ``world`` ranks of this script and wait for them."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(world):
-        env = {
-            **os.environ,
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": "1",
-        }
-        procs.append(subprocess.Popen([sys.executable, __file__, *argv], env=env))
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        raise SystemExit(f"ranks exited with {codes}")
 
 
 def main() -> None:
@@ -72,7 +48,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=8192)
     args = parser.parse_args()
     if "RANK" not in os.environ:
-        launch(sys.argv[1:], world=2)
+        launch(__file__, sys.argv[1:], world=2)
         return
 
     import deepspeed

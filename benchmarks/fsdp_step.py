@@ -17,35 +17,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 import torch.distributed as dist
-
-
-def launch(argv: list[str], world: int) -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(world):
-        env = {
-            **os.environ,
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": "1",
-        }
-        procs.append(subprocess.Popen([sys.executable, __file__, *argv], env=env))
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        raise SystemExit(f"ranks exited with {codes}")
+from common import launch
 
 
 def main() -> None:
@@ -54,7 +31,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="steps timed per round")
     args = parser.parse_args()
     if "RANK" not in os.environ:
-        launch(sys.argv[1:], world=2)
+        launch(__file__, sys.argv[1:], world=2)
         return
 
     from torch.distributed.device_mesh import init_device_mesh

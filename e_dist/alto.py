@@ -112,13 +112,8 @@ class ALTO(torch.optim.Optimizer):
                     f"max_grad_norm must be > 0, or None to turn clipping off, "
                     f"got {max_grad_norm!r}"
                 )
-        if implementation not in update.IMPLEMENTATIONS:
-            raise ValueError(
-                f"implementation must be one of {update.IMPLEMENTATIONS}, "
-                f"got {implementation!r}"
-            )
         self.max_grad_norm = max_grad_norm
-        self.implementation = implementation
+        self.implementation = update.check_implementation(implementation)
         # For logging, read outside step(): the global gradient norm before
         # ALTO's own clip (None when it does not clip), and the trust ratio of
         # every segment stepped with one in the last step.

@@ -88,12 +88,7 @@ class E(torch.optim.Optimizer):
                     f"grad_clip must be > 0, or None to turn it off, got {grad_clip!r}"
                 )
         self.grad_clip = grad_clip
-        if implementation not in update.IMPLEMENTATIONS:
-            raise ValueError(
-                f"implementation must be one of {update.IMPLEMENTATIONS}, "
-                f"got {implementation!r}"
-            )
-        self.implementation = implementation
+        self.implementation = update.check_implementation(implementation)
         self.base_optimizer = base_optimizer
         # What torch.optim.Optimizer.__init__ sets up, less the parameter
         # groups and state, which stay the base optimizer's.

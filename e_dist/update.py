@@ -99,6 +99,15 @@ def whole_offsets(tensors: Sequence[Tensor]) -> list[list[int]]:
     return [[0, t.numel()] for t in tensors]
 
 
+def check_implementation(implementation: str) -> str:
+    """``implementation`` if it names one, else ValueError."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}"
+        )
+    return implementation
+
+
 def use_native(tensors: Sequence[Tensor], implementation: str) -> bool:
     """Whether the CPU kernels take these tensors."""
     if implementation == "reference":

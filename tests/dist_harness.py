@@ -88,3 +88,34 @@ def run_workers(
         )
         raise AssertionError(f"{worker} {args} on {world_size} ranks {reason}\n{text}")
     return outputs
+
+
+COLLECTIVES = (
+    "all_reduce", "all_gather", "all_gather_into_tensor", "broadcast",
+    "reduce_scatter_tensor", "reduce", "all_to_all_single", "barrier",
+)  # fmt: skip
+
+
+class CollectiveCounter:
+    """Counts torch.distributed collectives issued while ``inside`` is set.
+
+    Each function is wrapped, not replaced: the collective still runs.
+    """
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.inside = False
+        self.counts = dict.fromkeys(COLLECTIVES, 0)
+        for name in COLLECTIVES:
+            original = getattr(dist, name)
+
+            def counting(*args, _original=original, _name=name, **kwargs):
+                if self.inside:
+                    self.counts[_name] += 1
+                return _original(*args, **kwargs)
+
+            setattr(dist, name, counting)
+
+    def reset(self) -> None:
+        self.counts = dict.fromkeys(COLLECTIVES, 0)

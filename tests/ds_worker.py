@@ -20,6 +20,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+from dist_harness import CollectiveCounter
 from torch import nn
 
 import e_dist
@@ -254,19 +255,19 @@ def parity(args: dict) -> None:
                 engine.destroy()
 
 
-def count_step_calls(basic, inside: list[bool]) -> tuple[list[int], list[int]]:
+def count_step_calls(basic, counter: CollectiveCounter) -> tuple[list[int], list[int]]:
     """Hooks that flag the inside of step() and count calls, all and adaptive
     (some stepped group has weight decay, so ALTO needs its norms)."""
     calls, adaptive = [0], [0]
 
     def enter(*_):
-        inside[0] = True
+        counter.inside = True
         calls[0] += 1
         stepped = [g for g in basic.param_groups if g["params"]]
         adaptive[0] += any(g.get("weight_decay", 0) != 0 for g in stepped)
 
     def leave(*_):
-        inside[0] = False
+        counter.inside = False
 
     basic.register_step_pre_hook(enter)
     basic.register_step_post_hook(leave)
@@ -276,33 +277,17 @@ def count_step_calls(basic, inside: list[bool]) -> tuple[list[int], list[int]]:
 def collectives(args: dict) -> None:
     """Count the collectives issued inside the inner optimizer's step()."""
     world = dist.get_world_size()
-    names = [
-        "all_reduce", "all_gather", "all_gather_into_tensor", "broadcast",
-        "reduce_scatter_tensor", "reduce", "all_to_all_single", "barrier",
-    ]  # fmt: skip
-    counts = {n: 0 for n in names}
-    inside = [False]
-    for n in names:
-        original = getattr(dist, n)
-
-        def counting(*a, _original=original, _name=n, **k):
-            if inside[0]:
-                counts[_name] += 1
-            return _original(*a, **k)
-
-        setattr(dist, n, counting)
+    counter = CollectiveCounter()
     for stage in args["stages"]:
         for name in args["optimizers"]:
             engine, _ = make_engine(name, stage, "fp32", world)
-            basic = engine.basic_optimizer
-            calls, adaptive = count_step_calls(basic, inside)
-            for n in names:
-                counts[n] = 0
+            calls, adaptive = count_step_calls(engine.basic_optimizer, counter)
+            counter.reset()
             for step in range(3):
                 train_step(engine, step)
             report(
                 stage=stage, optimizer=name, step_calls=calls[0],
-                adaptive_calls=adaptive[0], counts=dict(counts),
+                adaptive_calls=adaptive[0], counts=dict(counter.counts),
             )  # fmt: skip
             engine.destroy()
 

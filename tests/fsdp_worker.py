@@ -17,6 +17,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from dist_harness import CollectiveCounter
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -232,19 +233,7 @@ def _state_is_dtensor(optimizer) -> bool | None:
 
 
 def collectives(args: dict) -> None:
-    names = ["all_reduce", "all_gather", "all_gather_into_tensor", "broadcast",
-             "reduce_scatter_tensor", "reduce", "barrier"]  # fmt: skip
-    counts = {n: 0 for n in names}
-    inside = [False]
-    for n in names:
-        original = getattr(dist, n)
-
-        def counting(*a, _original=original, _name=n, **k):
-            if inside[0]:
-                counts[_name] += 1
-            return _original(*a, **k)
-
-        setattr(dist, n, counting)
+    counter = CollectiveCounter()
     kind = args["kind"]
     for name in args["optimizers"]:
         torch.manual_seed(0)
@@ -253,12 +242,11 @@ def collectives(args: dict) -> None:
         for step in range(3):
             optimizer.zero_grad()
             model(batch(step)).backward()
-            for n in names:
-                counts[n] = 0
-            inside[0] = True
+            counter.reset()
+            counter.inside = True
             optimizer.step()
-            inside[0] = False
-        report(kind=kind, optimizer=name, counts=dict(counts))
+            counter.inside = False
+        report(kind=kind, optimizer=name, counts=dict(counter.counts))
 
 
 def checkpoint(args: dict) -> None:
