@@ -32,8 +32,10 @@ def pretrain(tmp_path: Path, backend: str, name: str, *extra: str) -> list[dict]
         start_new_session=True,
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
+    metrics = tmp_path / name / "metrics.jsonl"
+    if not metrics.exists():  # --compare writes one per run, below NAME
+        return []
+    return [json.loads(line) for line in metrics.read_text().splitlines()]
 
 
 @pytest.mark.parametrize("backend", ["deepspeed", "fsdp"])
@@ -61,3 +63,26 @@ def test_tiny_run_learns_writes_and_resumes(tmp_path, backend):
     assert [
         {k: v for k, v in r.items() if k != "tokens_per_s"} for r in resumed
     ] == strip
+
+
+def test_compare_mode_tunes_and_reports(tmp_path):
+    """Two optimizers x two learning rates x two seeds in one process group."""
+    pretrain(
+        tmp_path, "fsdp", "cmp", "--compare", "ALTO,AdamW", "--seeds", "2",
+        "--lr-grid", "ALTO=3e-3,1e-2;AdamW=1e-3,3e-3", "--steps", "6",
+        "--eval-every", "3", "--warmup", "2",
+    )  # fmt: skip
+    out = tmp_path / "cmp"
+    report = json.loads((out / "compare.json").read_text())
+    assert len(report["runs"]) == 8
+    summary = {s["optimizer"]: s for s in report["summary"]}
+    assert summary["ALTO"]["best_lr"] in (3e-3, 1e-2)
+    assert summary["AdamW"]["best_lr"] in (1e-3, 3e-3)
+    for s in summary.values():
+        runs = [r for r in report["runs"] if r["optimizer"] == s["optimizer"]]
+        best = min({r["lr"] for r in runs}, key=lambda lr: sum(
+            r["loss"] for r in runs if r["lr"] == lr))  # fmt: skip
+        assert s["best_lr"] == best and s["seeds"] == 2
+    table = (out / "compare.md").read_text()
+    assert "| ALTO | 0.003, 0.01 |" in table and "| AdamW | 0.001, 0.003 |" in table
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"

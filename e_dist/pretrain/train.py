@@ -78,6 +78,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", default="runs", help="directory of runs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--compare",
+        help="comma-separated optimizers to compare (e.g. ALTO,LAMB,AdamW,EAdamW)",
+    )
+    p.add_argument("--seeds", type=int, default=2, help="seeds per setting (--compare)")
+    p.add_argument(
+        "--lr-grid",
+        help="learning rates per optimizer (--compare), 'ALTO=3e-3,1e-2;...'",
+    )
     # The deepspeed launcher passes it; LOCAL_RANK in the environment says the same.
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -92,6 +101,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be positive")
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
+    if args.compare:
+        unknown = [o for o in args.compare.split(",") if o not in OPTIMIZERS]
+        if unknown:
+            p.error(
+                f"--compare: unknown optimizers {unknown}; known: {list(OPTIMIZERS)}"
+            )
+        if args.seeds <= 0:
+            p.error("--seeds must be positive")
     return args
 
 
@@ -462,6 +479,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     metrics.close()
     if final is None:
         final = {"kind": "eval", "step": start, **trainer.evaluate(start)}
+    if args.backend == "deepspeed":
+        trainer.engine.destroy()
     return final
 
 
@@ -491,9 +510,16 @@ def main(argv: list[str] | None = None) -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     try:
-        final = run(args)
-        if dist.get_rank() == 0:
-            print(json.dumps({"final_eval": final}))
+        if args.compare:
+            from e_dist.pretrain.compare import compare
+
+            summary = compare(args, run)
+            if dist.get_rank() == 0:
+                print(json.dumps({"compare": summary}))
+        else:
+            final = run(args)
+            if dist.get_rank() == 0:
+                print(json.dumps({"final_eval": final}))
     finally:
         dist.barrier()
         dist.destroy_process_group()
