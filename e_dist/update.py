@@ -94,11 +94,6 @@ def local(t: Tensor) -> Tensor:
     return t
 
 
-def whole_offsets(tensors: Sequence[Tensor]) -> list[list[int]]:
-    """One segment per tensor, covering all of it."""
-    return [[0, t.numel()] for t in tensors]
-
-
 def check_implementation(implementation: str) -> str:
     """``implementation`` if it names one, else ValueError."""
     if implementation not in IMPLEMENTATIONS:

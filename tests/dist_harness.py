@@ -8,6 +8,7 @@ started; nothing is left behind.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -119,3 +120,27 @@ class CollectiveCounter:
 
     def reset(self) -> None:
         self.counts = dict.fromkeys(COLLECTIVES, 0)
+
+
+def report(**fields) -> None:
+    """A worker's result: one ``RESULT {json}`` line, from rank 0 only."""
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        print("RESULT " + json.dumps(fields), flush=True)
+
+
+def worker_main(scenarios: dict, init_process_group) -> None:
+    """A worker's entry: ``WORKER SCENARIO JSON_ARGS``; ends the process
+    without interpreter teardown (DeepSpeed engines sometimes abort in it)."""
+    import torch
+    import torch.distributed as dist
+
+    scenario, args = sys.argv[1], json.loads(sys.argv[2])
+    init_process_group()
+    torch.set_num_threads(1)
+    scenarios[scenario](args)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)

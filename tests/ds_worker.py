@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import sys
-import tempfile
 
 import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-from dist_harness import CollectiveCounter
+from dist_harness import CollectiveCounter, report, worker_main
+from models import max_rel_error
 from torch import nn
 
 import e_dist
@@ -128,12 +126,6 @@ def ds_config(name: str, stage: int, precision: str, world: int, **extra) -> dic
     return config
 
 
-def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    scale = expected.double().abs().max().item()
-    diff = (actual.double() - expected.double()).abs().max().item()
-    return diff / scale if scale > 0 else diff
-
-
 def full_state(engine, param: torch.Tensor, key: str) -> torch.Tensor:
     """A whole parameter's optimizer state, gathered from every rank."""
     value = safe_get_full_optimizer_state(param, key)
@@ -200,16 +192,13 @@ def compare(engine, twin, name) -> tuple[float, float]:
     twin_opt_state = twin.optimizer_for_test.state
     param_err = state_err = 0.0
     for p, q in zip(engine.module.parameters(), twin.parameters()):
-        param_err = max(param_err, rel_error(full_param(engine, p).reshape(q.shape), q))
+        param_err = max(
+            param_err, max_rel_error(full_param(engine, p).reshape(q.shape), q)
+        )
         for key in STATE_KEYS[name]:
             ours = full_state(engine, p, key).reshape(q.shape)
-            state_err = max(state_err, rel_error(ours, twin_opt_state[q][key]))
+            state_err = max(state_err, max_rel_error(ours, twin_opt_state[q][key]))
     return param_err, state_err
-
-
-def report(**fields) -> None:
-    if dist.get_rank() == 0:
-        print("RESULT " + json.dumps(fields), flush=True)
 
 
 # ---------------------------------------------------------------------------
@@ -518,17 +507,7 @@ SCENARIOS = {
 
 
 def main() -> None:
-    scenario, args = sys.argv[1], json.loads(sys.argv[2])
-    deepspeed.init_distributed(dist_backend="gloo")
-    torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as scratch:
-        args.setdefault("dir", scratch)
-        SCENARIOS[scenario](args)
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    # DeepSpeed engines sometimes abort at interpreter exit; skip its teardown.
-    os._exit(0)
+    worker_main(SCENARIOS, lambda: deepspeed.init_distributed(dist_backend="gloo"))
 
 
 if __name__ == "__main__":

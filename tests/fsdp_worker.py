@@ -11,13 +11,12 @@ parameters and optimizer state after every step. Rank 0 prints one
 from __future__ import annotations
 
 import copy
-import json
 import os
-import sys
 
 import torch
 import torch.distributed as dist
-from dist_harness import CollectiveCounter
+from dist_harness import CollectiveCounter, report, worker_main
+from models import max_rel_error
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -77,12 +76,6 @@ STATE_KEYS = {
 
 def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    scale = expected.double().abs().max().item()
-    diff = (actual.double() - expected.double()).abs().max().item()
-    return diff / scale if scale > 0 else diff
 
 
 def shard(model: nn.Module, kind: str, precision: str) -> tuple[nn.Module, dict]:
@@ -188,12 +181,12 @@ def parity(args: dict) -> None:
             twin_optimizer.step()
             params, states = gathered(model, kind, optimizer, STATE_KEYS[name])
             for p, q, state in zip(params, twin.parameters(), states):
-                worst_param = max(worst_param, rel_error(p.reshape(q.shape), q))
+                worst_param = max(worst_param, max_rel_error(p.reshape(q.shape), q))
                 for key, value in zip(STATE_KEYS[name], state):
                     if value is not None:
                         expected = twin_optimizer.state[q][key]
                         worst_state = max(
-                            worst_state, rel_error(value.reshape(q.shape), expected)
+                            worst_state, max_rel_error(value.reshape(q.shape), expected)
                         )
         report(
             kind=kind, precision=precision, optimizer=name, world=dist.get_world_size(),
@@ -307,7 +300,7 @@ def checkpoint(args: dict) -> None:
     train(n, n)
     straight = torch.load(os.path.join(args["dir"], "straight-0.pt"), weights_only=True)
     param_error = max(
-        rel_error(full(p.detach()), q)
+        max_rel_error(full(p.detach()), q)
         for p, q in zip(model.parameters(), straight["params"])
     )
     state_error = 0.0
@@ -315,7 +308,7 @@ def checkpoint(args: dict) -> None:
         for key, value in saved.items():
             if key != "step":
                 state_error = max(
-                    state_error, rel_error(full(optimizer.state[p][key]), value)
+                    state_error, max_rel_error(full(optimizer.state[p][key]), value)
                 )
     report(
         phase="load", world=dist.get_world_size(), steps_loaded=steps_loaded,
@@ -323,23 +316,11 @@ def checkpoint(args: dict) -> None:
     )  # fmt: skip
 
 
-def report(**fields) -> None:
-    if dist.get_rank() == 0:
-        print("RESULT " + json.dumps(fields), flush=True)
-
-
 SCENARIOS = {"parity": parity, "collectives": collectives, "checkpoint": checkpoint}
 
 
 def main() -> None:
-    scenario, args = sys.argv[1], json.loads(sys.argv[2])
-    dist.init_process_group("gloo")
-    torch.set_num_threads(1)
-    SCENARIOS[scenario](args)
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)
+    worker_main(SCENARIOS, lambda: dist.init_process_group("gloo"))
 
 
 if __name__ == "__main__":
