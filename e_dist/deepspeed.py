@@ -263,7 +263,10 @@ def attach(engine: Any) -> None:
     """Give the engine's ALTO its piece map and DeepSpeed's clipping."""
     basic = getattr(engine, "basic_optimizer", None)
     if isinstance(basic, (ALTO, E)):
+        from e_dist.checkpoint import universal
+
         _link_state_once_complete(engine.optimizer)
+        universal.install_loaders(engine.optimizer)
     if isinstance(basic, ALTO):
         _hand_clipping_to_engine(engine, basic)
         basic.piece_map = _piece_map(engine.optimizer, basic)
