@@ -91,6 +91,15 @@ def run_workers(
     return outputs
 
 
+def results(
+    worker: str, world: int, scenario: str, timeout: float, **args
+) -> list[dict]:
+    """Run ``scenario`` of ``worker``; rank 0's ``RESULT {json}`` rows."""
+    outputs = run_workers(worker, world, [scenario, json.dumps(args)], timeout)
+    lines = [line for line in outputs[0].splitlines() if line.startswith("RESULT ")]
+    return [json.loads(line[len("RESULT ") :]) for line in lines]
+
+
 COLLECTIVES = (
     "all_reduce", "all_gather", "all_gather_into_tensor", "broadcast",
     "reduce_scatter_tensor", "reduce", "all_to_all_single", "barrier",

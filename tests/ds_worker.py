@@ -18,8 +18,10 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 from dist_harness import CollectiveCounter, report, worker_main
+from models import StraddleNet as Net
 from models import max_rel_error
-from torch import nn
+from models import straddle_batch as batch
+from models import straddle_groups as groups_of
 
 import e_dist
 import e_dist.pieces
@@ -27,44 +29,6 @@ import e_dist.pieces
 # Small enough that the global-norm clip acts on most steps.
 CLIP = 0.05
 MICRO_BATCH = 4
-
-
-class Net(nn.Module):
-    """Sizes that straddle ZeRO partitions; ``scale`` (one element) leaves
-    most ranks with empty pieces."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(11, 6)
-        self.norm = nn.LayerNorm(6)
-        self.fc1 = nn.Linear(6, 13)
-        self.fc2 = nn.Linear(13, 6)
-        self.scale = nn.Parameter(torch.ones(1))
-        self.head = nn.Linear(6, 11, bias=False)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.embed(tokens[:, :-1])
-        x = x + self.fc2(torch.tanh(self.fc1(self.norm(x)))) * self.scale
-        logits = self.head(x).float()
-        return nn.functional.cross_entropy(
-            logits.flatten(0, 1), tokens[:, 1:].flatten()
-        )
-
-
-def batch(step: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(100 + step)
-    return torch.randint(0, 11, (MICRO_BATCH, 7), generator=gen)
-
-
-def groups_of(model: Net) -> list[dict]:
-    """Three groups; the last is one element, so most ranks hold nothing of it."""
-    decay, no_decay = e_dist.weight_decay_groups(model, 1e-4)
-    decay = [p for p in decay["params"] if p is not model.scale]
-    return [
-        {"params": decay, "weight_decay": 1e-4},
-        {"params": no_decay["params"], "weight_decay": 0.0},
-        {"params": [model.scale], "weight_decay": 1e-4},
-    ]
 
 
 OPTIMIZERS = {
@@ -312,6 +276,85 @@ def checkpoint(args: dict) -> None:
             resumed.destroy()
 
 
+def named_snapshot(engine, name: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Whole parameters and state by parameter name, gathered from every rank."""
+    out = {}
+    for pname, p in engine.module.named_parameters():
+        shape = p.ds_shape if hasattr(p, "ds_shape") else p.shape
+        entry = {"fp32": full_param(engine, p).reshape(shape).clone()}
+        for key in STATE_KEYS[name]:
+            entry[key] = full_state(engine, p, key).reshape(shape).clone()
+        out[pname] = entry
+    return out
+
+
+def snapshot_errors(engine, name: str, expected: dict) -> tuple[bool, float, float]:
+    """(bitwise equal, max relative error of parameters, of state)."""
+    ours = named_snapshot(engine, name)
+    bitwise, param_error, state_error = True, 0.0, 0.0
+    for pname, entry in expected.items():
+        for key, value in entry.items():
+            bitwise &= torch.equal(ours[pname][key], value)
+            error = max_rel_error(ours[pname][key], value)
+            if key == "fp32":
+                param_error = max(param_error, error)
+            else:
+                state_error = max(state_error, error)
+    return bool(bitwise), param_error, state_error
+
+
+def universal_save(args: dict) -> None:
+    """n steps, a ZeRO checkpoint and a snapshot of it; then the
+    uninterrupted run's snapshots after ``more`` and ``2 * more`` steps."""
+    world, n, more = dist.get_world_size(), args["steps"], args["more"]
+    for stage in args["stages"]:
+        for name in args["optimizers"]:
+            engine, _ = make_engine(name, stage, "fp32", world)
+            for step in range(n):
+                train_step(engine, step)
+            run = f"{args['dir']}/{name}-z{stage}"
+            engine.save_checkpoint(run, tag="t")
+            snapshots = {"saved": named_snapshot(engine, name)}
+            for label, start in (("mid", n), ("end", n + more)):
+                for step in range(start, start + more):
+                    train_step(engine, step)
+                snapshots[label] = named_snapshot(engine, name)
+            if dist.get_rank() == 0:
+                torch.save(snapshots, f"{run}-snapshots.pt")
+            report(stage=stage, optimizer=name)
+            engine.destroy()
+
+
+def universal_load(args: dict) -> None:
+    """Load a universal checkpoint into a fresh engine (other weights): the
+    gathered state equals the saved one; ``more`` steps later it matches the
+    uninterrupted run."""
+    world, n, more = dist.get_world_size(), args["steps"], args["more"]
+    for case in args["cases"]:
+        name, stage = case["optimizer"], case["stage"]
+        engine, _ = make_engine(
+            name, stage, "fp32", world, seed=1, checkpoint={"load_universal": True}
+        )
+        engine.load_checkpoint(case["universal"], tag="t")
+        snapshots = torch.load(case["snapshots"], weights_only=True)
+        expected = snapshots[case.get("saved", "saved")]
+        loaded_bitwise, _, _ = snapshot_errors(engine, name, expected)
+        groups = [g["weight_decay"] for g in engine.basic_optimizer.param_groups]
+        steps = sorted({int(v["step"]) for v in engine.basic_optimizer.state.values()})
+        start = case.get("start", n)
+        for step in range(start, start + more):
+            train_step(engine, step)
+        _, param_error, state_error = snapshot_errors(
+            engine, name, snapshots[case.get("after", "mid")]
+        )
+        report(
+            case=case["label"], world=world, loaded_bitwise=loaded_bitwise,
+            steps_loaded=steps, weight_decays=groups, global_steps=engine.global_steps,
+            param_error=param_error, state_error=state_error,
+        )  # fmt: skip
+        engine.destroy()
+
+
 def snapshot(engine, name: str) -> list[torch.Tensor]:
     out = []
     for p in engine.module.parameters():
@@ -500,6 +543,8 @@ SCENARIOS = {
     "parity": parity,
     "collectives": collectives,
     "checkpoint": checkpoint,
+    "universal_save": universal_save,
+    "universal_load": universal_load,
     "overflow": overflow,
     "config": config,
     "config_file": config_file,

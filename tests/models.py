@@ -8,6 +8,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from e_dist import weight_decay_groups
+
+# Rows per batch of StraddleNet.
+STRADDLE_BATCH = 4
+
 
 class TinyLM(nn.Module):
     """Embedding, LayerNorm, biased linears, a head: every grouping case."""
@@ -107,3 +112,41 @@ def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     diff = (actual.double() - expected.double()).abs().max().item()
     scale = expected.double().abs().max().item()
     return diff / scale if scale > 0 else diff
+
+
+class StraddleNet(nn.Module):
+    """Sizes that straddle ZeRO partitions; ``scale`` (one element) leaves
+    most ranks with empty pieces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 6)
+        self.norm = nn.LayerNorm(6)
+        self.fc1 = nn.Linear(6, 13)
+        self.fc2 = nn.Linear(13, 6)
+        self.scale = nn.Parameter(torch.ones(1))
+        self.head = nn.Linear(6, 11, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens[:, :-1])
+        x = x + self.fc2(torch.tanh(self.fc1(self.norm(x)))) * self.scale
+        logits = self.head(x).float()
+        return nn.functional.cross_entropy(
+            logits.flatten(0, 1), tokens[:, 1:].flatten()
+        )
+
+
+def straddle_batch(step: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(100 + step)
+    return torch.randint(0, 11, (STRADDLE_BATCH, 7), generator=gen)
+
+
+def straddle_groups(model: StraddleNet) -> list[dict]:
+    """Three groups; the last is one element, so most ranks hold nothing of it."""
+    decay, no_decay = weight_decay_groups(model, 1e-4)
+    decay = [p for p in decay["params"] if p is not model.scale]
+    return [
+        {"params": decay, "weight_decay": 1e-4},
+        {"params": no_decay["params"], "weight_decay": 0.0},
+        {"params": [model.scale], "weight_decay": 1e-4},
+    ]

@@ -20,17 +20,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import dist_harness
 import pytest
-from dist_harness import run_workers
 
 ROOT = Path(__file__).parent.parent
 pytestmark = pytest.mark.timeout(600)
 
 
 def results(world: int, scenario: str, timeout: float = 400, **args) -> list[dict]:
-    outputs = run_workers("ds_worker.py", world, [scenario, json.dumps(args)], timeout)
-    lines = [line for line in outputs[0].splitlines() if line.startswith("RESULT ")]
-    return [json.loads(line[len("RESULT ") :]) for line in lines]
+    return dist_harness.results("ds_worker.py", world, scenario, timeout, **args)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])

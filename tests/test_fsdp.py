@@ -15,21 +15,15 @@ parameters, gradients cast to fp32), so the comparison is as tight as fp32.
 
 from __future__ import annotations
 
-import json
-
+import dist_harness
 import pytest
-from dist_harness import run_workers
 
 pytestmark = pytest.mark.timeout(600)
 PARAM_BOUND, STATE_BOUND = 1e-6, 5e-6
 
 
 def results(world: int, scenario: str, timeout: float = 300, **args) -> list[dict]:
-    outputs = run_workers(
-        "fsdp_worker.py", world, [scenario, json.dumps(args)], timeout
-    )
-    lines = [line for line in outputs[0].splitlines() if line.startswith("RESULT ")]
-    return [json.loads(line[len("RESULT ") :]) for line in lines]
+    return dist_harness.results("fsdp_worker.py", world, scenario, timeout, **args)
 
 
 def check(rows: list[dict], count: int, piece_map: str = "ShardedPieceMap") -> None:
