@@ -6,6 +6,14 @@ says where the others are. Everything the run writes goes to
 ``RUNS/NAME/``: ``metrics.jsonl`` (one line per step and per evaluation),
 TensorBoard events where the ``tensorboard`` package is installed,
 ``curves.png``, ``checkpoints/``.
+
+Crash safety: a checkpoint ``checkpoints/stepNNNNNNN/`` counts as complete
+once rank 0 has written its manifest (:func:`e_dist.checkpoint.io.commit`),
+after every rank has written its files; ``checkpoints/latest`` then names it.
+A run killed at any moment leaves ``latest`` naming a complete checkpoint,
+and ``--resume`` checks it against its manifest before loading anything.
+For tests, :data:`FAULT_ENV` makes a rank kill itself at a chosen point
+(see :func:`fault_injection`).
 """
 
 from __future__ import annotations
@@ -15,6 +23,9 @@ import json
 import logging
 import math
 import os
+import re
+import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -25,6 +36,7 @@ import torch.distributed as dist
 
 import e_dist
 from e_dist import registry
+from e_dist.checkpoint import io as checkpoint_io
 from e_dist.pretrain.data import TokenData, embedded_corpus, shard_directory
 from e_dist.pretrain.model import GPT, PRESETS
 
@@ -67,6 +79,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-batches", type=int, default=4)
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        help="keep only the last K checkpoints (default: keep all)",
+    )
+    p.add_argument(
         "--resume", action="store_true", help="continue from the last checkpoint"
     )
     p.add_argument(
@@ -101,6 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be positive")
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
+    if args.keep_checkpoints is not None and args.keep_checkpoints <= 0:
+        p.error("--keep-checkpoints must be positive (leave it out to keep all)")
     if args.compare:
         unknown = [o for o in args.compare.split(",") if o not in OPTIMIZERS]
         if unknown:
@@ -152,6 +171,44 @@ def learning_rate(args: argparse.Namespace, peak: float, step: int) -> float:
     else:
         shape = 1 - progress
     return peak * (args.min_lr_ratio + (1 - args.min_lr_ratio) * shape)
+
+
+FAULT_ENV = "E_DIST_FAULT_INJECT"
+FAULT_POINTS = ("after_step", "mid_save")
+
+
+def fault_injection(rank: int) -> tuple[str, int] | None:
+    """Where this rank kills itself, as ``(point, step)``, or None: read from
+    the environment variable ``E_DIST_FAULT_INJECT``, for crash-safety tests.
+
+    ``E_DIST_FAULT_INJECT="kill:rank=1:step=7:point=after_step"`` makes rank 1
+    send itself SIGKILL at that point of step 7 (steps count from 1, as in
+    ``metrics.jsonl``); the other ranks carry on and run into it. Points:
+
+    - ``after_step``: after the step's optimizer step, before any checkpoint
+      of that step is written (a crash between two checkpoints);
+    - ``mid_save``: while the checkpoint of that step is saved, after this
+      rank has written its files and before the checkpoint is committed, so
+      it is left on disk incomplete.
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    fields = dict(item.partition("=")[::2] for item in spec.split(":")[1:])
+    if (
+        not spec.startswith("kill:")
+        or set(fields) != {"rank", "step", "point"}
+        or not fields["rank"].isdigit()
+        or not fields["step"].isdigit()
+        or fields["point"] not in FAULT_POINTS
+    ):
+        raise ValueError(
+            f"{FAULT_ENV}={spec!r}: expected 'kill:rank=R:step=S:point=P' with P "
+            f"one of {FAULT_POINTS}"
+        )
+    if int(fields["rank"]) != rank:
+        return None
+    return fields["point"], int(fields["step"])
 
 
 class Metrics:
@@ -245,6 +302,7 @@ class Trainer:
         self.num_params = sum(p.numel() for p in model.parameters())
         self.name, self.kwargs = optimizer_spec(args, self.global_batch)
         self.peak_lr = self.kwargs["lr"]
+        self.fault = fault_injection(self.rank)
         if args.backend == "deepspeed":
             self._init_deepspeed(model)
         else:
@@ -379,13 +437,31 @@ class Trainer:
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
     # -- checkpoints ---------------------------------------------------------
+    def inject_fault(self, point: str, step: int) -> None:
+        """SIGKILL this process if :data:`FAULT_ENV` names this point."""
+        if self.fault == (point, step):
+            logger.warning("%s: rank %d kills itself (%s)", FAULT_ENV, self.rank, point)
+            os.kill(os.getpid(), signal.SIGKILL)
+
     def save(self, directory: Path, step: int) -> None:
-        """A checkpoint of everything at ``step``; ``latest`` names it only
-        once it is complete."""
+        """A checkpoint of everything at ``step``, in ``directory/stepNNNNNNN``.
+
+        Every rank writes its files; after a barrier, rank 0 commits the
+        checkpoint (a manifest of every file's size and SHA-256, written
+        atomically and last) and then points ``latest`` at it, atomically. A
+        crash at any moment leaves ``latest`` naming a complete checkpoint.
+        """
         tag = f"step{step:07d}"
+        tag_dir = directory / tag
+        if self.rank == 0 and tag_dir.exists():  # left incomplete by a crash
+            (tag_dir / checkpoint_io.MANIFEST).unlink(missing_ok=True)
+            shutil.rmtree(tag_dir)
+        dist.barrier()
         if self.args.backend == "deepspeed":
+            # DeepSpeed would write `latest` itself, from rank 0 as soon as its
+            # own files are written, before the other ranks are done.
             self.engine.save_checkpoint(
-                str(directory), tag=tag, client_state={"step": step}
+                str(directory), tag=tag, client_state={"step": step}, save_latest=False
             )
         else:
             import torch.distributed.checkpoint as dcp
@@ -394,20 +470,47 @@ class Trainer:
             model_state, optim_state = get_state_dict(self.model, self.optimizer)
             dcp.save(
                 {"model": model_state, "optim": optim_state},
-                checkpoint_id=str(directory / tag),
+                checkpoint_id=str(tag_dir),
             )
-            dist.barrier()
-            if self.rank == 0:
-                tmp = directory / "latest.tmp"
-                tmp.write_text(tag)
-                os.replace(tmp, directory / "latest")
+        self.inject_fault("mid_save", step)
+        dist.barrier()  # every rank's files are on disk
+        if self.rank == 0:
+            info = {
+                "step": step,
+                "backend": self.args.backend,
+                "world_size": self.world,
+            }
+            checkpoint_io.commit(tag_dir, info)
+            checkpoint_io.write_latest(directory, tag)
+            if self.args.keep_checkpoints is not None:
+                _prune(directory, step, self.args.keep_checkpoints)
         dist.barrier()
 
+    def _checked_latest(self, directory: Path) -> str | None:
+        """The tag ``latest`` names, once rank 0 has checked that checkpoint
+        against its manifest; every rank raises the same CheckpointError if it
+        is missing, incomplete or corrupted."""
+        tag, problem = None, None
+        if self.rank == 0:
+            try:
+                tag = checkpoint_io.read_latest(directory)
+                if tag is not None:
+                    checkpoint_io.verify(directory / tag)
+            except (checkpoint_io.CheckpointError, OSError) as err:
+                problem = str(err) + _complete_elsewhere(directory, tag)
+        box = [tag, problem]
+        dist.broadcast_object_list(box, src=0)
+        tag, problem = box
+        if problem is not None:
+            raise checkpoint_io.CheckpointError(problem)
+        return tag
+
     def load(self, directory: Path) -> int:
-        """Restore the last complete checkpoint; returns its step (0 if none)."""
-        if not (directory / "latest").exists():
+        """Restore the checkpoint ``latest`` names, after checking it is
+        complete and intact; returns its step (0 if there is none)."""
+        tag = self._checked_latest(directory)
+        if tag is None:
             return 0
-        tag = (directory / "latest").read_text().strip()
         if self.args.backend == "deepspeed":
             _, client = self.engine.load_checkpoint(str(directory), tag=tag)
             return int(client["step"])
@@ -434,6 +537,45 @@ class Trainer:
         return int(tag.removeprefix("step"))
 
 
+_TAG = re.compile(r"step(\d{7})")
+
+
+def _tags(directory: Path) -> list[tuple[int, str]]:
+    """``(step, tag)`` of every checkpoint directory, complete or not, by step."""
+    found = []
+    for path in directory.iterdir():
+        match = _TAG.fullmatch(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path.name))
+    return sorted(found)
+
+
+def _complete_elsewhere(directory: Path, bad: str | None) -> str:
+    """The sentence naming the other complete checkpoints in ``directory``
+    (checked by file sizes only), for an error about ``bad``."""
+    complete = []
+    for _, tag in _tags(directory) if directory.is_dir() else []:
+        try:
+            if tag != bad:
+                checkpoint_io.verify(directory / tag, checksums=False)
+                complete.append(tag)
+        except checkpoint_io.CheckpointError:
+            pass
+    if not complete:
+        return f". {directory} holds no other complete checkpoint."
+    return (
+        f". Complete checkpoints in {directory}: {', '.join(complete)}; to resume "
+        f"from one of them, write its name into {directory / 'latest'}."
+    )
+
+
+def _prune(directory: Path, step: int, keep: int) -> None:
+    """Delete all but the last ``keep`` checkpoints up to ``step``."""
+    older = [tag for s, tag in _tags(directory) if s < step]
+    for tag in older[: max(0, len(older) - (keep - 1))]:
+        shutil.rmtree(directory / tag, ignore_errors=True)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train; returns the final evaluation."""
     data = (
@@ -447,6 +589,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         checkpoints.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     start = trainer.load(checkpoints) if args.resume else 0
+    if args.resume and start == 0 and rank == 0:
+        latest = checkpoints / "latest"
+        logger.warning("--resume: no %s, so no checkpoint; starting at step 0", latest)
     metrics = Metrics(run_dir, start, enabled=rank == 0)
     if rank == 0:
         logger.info(
@@ -467,6 +612,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         row = {"kind": "train", "step": step + 1, "lr": lr, **row}
         row["tokens_per_s"] = tokens_per_step / elapsed
         metrics.log(row)
+        trainer.inject_fault("after_step", step + 1)
         if rank == 0 and args.progress:
             _progress(step + 1, args.steps, row)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
