@@ -303,6 +303,17 @@ def snapshot_errors(engine, name: str, expected: dict) -> tuple[bool, float, flo
     return bool(bitwise), param_error, state_error
 
 
+def consolidated_snapshot(path: str) -> dict[str, dict[str, torch.Tensor]]:
+    from e_dist.checkpoint import consolidated
+
+    ckpt = consolidated.load(path)
+    state = ckpt["optimizer_state"]["state"]
+    return {
+        name: {"fp32": tensor, **{k: v for k, v in state[name].items() if k != "step"}}
+        for name, tensor in ckpt["model"].items()
+    }
+
+
 def universal_save(args: dict) -> None:
     """n steps, a ZeRO checkpoint and a snapshot of it; then the
     uninterrupted run's snapshots after ``more`` and ``2 * more`` steps."""
@@ -337,7 +348,10 @@ def universal_load(args: dict) -> None:
         )
         engine.load_checkpoint(case["universal"], tag="t")
         snapshots = torch.load(case["snapshots"], weights_only=True)
-        expected = snapshots[case.get("saved", "saved")]
+        if "expected_file" in case:  # what another backend saved
+            expected = consolidated_snapshot(case["expected_file"])
+        else:
+            expected = snapshots["saved"]
         loaded_bitwise, _, _ = snapshot_errors(engine, name, expected)
         groups = [g["weight_decay"] for g in engine.basic_optimizer.param_groups]
         steps = sorted({int(v["step"]) for v in engine.basic_optimizer.state.values()})

@@ -253,7 +253,7 @@ def checkpoint(args: dict) -> None:
         set_optimizer_state_dict,
     )
 
-    name, n = args["optimizer"], args["steps"]
+    name, n, more = args["optimizer"], args["steps"], args["more"]
     torch.manual_seed(0)
     model, _ = shard(Net(), "fsdp2", "fp32")
     optimizer = make_optimizer(name, model)
@@ -264,6 +264,15 @@ def checkpoint(args: dict) -> None:
             model(batch(step)).backward()
             optimizer.step()
 
+    def whole():
+        return {
+            "params": [full(p.detach()).clone() for p in model.parameters()],
+            "state": [
+                {k: full(v).clone() for k, v in optimizer.state[p].items()}
+                for p in model.parameters()
+            ],
+        }
+
     if args["phase"] == "save":
         train(0, n)
         state = {
@@ -271,17 +280,14 @@ def checkpoint(args: dict) -> None:
             "optim": get_optimizer_state_dict(model, optimizer),
         }
         dcp.save(state, checkpoint_id=args["dir"])
-        train(n, n)  # the uninterrupted continuation
-        torch.save(
-            {
-                "params": [full(p.detach()) for p in model.parameters()],
-                "state": [
-                    {k: full(v) for k, v in optimizer.state[p].items()}
-                    for p in model.parameters()
-                ],
-            },
-            os.path.join(args["dir"], f"straight-{dist.get_rank()}.pt"),
-        )
+        saved = whole()
+        train(n, more)  # the uninterrupted continuation
+        straight = whole()  # gathers: every rank takes part
+        if dist.get_rank() == 0:
+            torch.save(
+                {"saved": saved, "straight": straight},
+                os.path.join(args["dir"], "snapshots.pt"),
+            )
         report(phase="save")
         return
     # phase == "load": other initial weights, then the checkpoint
@@ -297,8 +303,14 @@ def checkpoint(args: dict) -> None:
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
     steps_loaded = sorted({int(s["step"]) for s in optimizer.state.values()})
-    train(n, n)
-    straight = torch.load(os.path.join(args["dir"], "straight-0.pt"), weights_only=True)
+    snapshots = torch.load(os.path.join(args["dir"], "snapshots.pt"), weights_only=True)
+    loaded, saved = whole(), snapshots["saved"]
+    pairs = list(zip(loaded["params"], saved["params"]))
+    for ours, theirs in zip(loaded["state"], saved["state"]):
+        pairs += [(ours[k], theirs[k]) for k in theirs]
+    loaded_bitwise = all(torch.equal(a, b) for a, b in pairs)
+    train(n, more)
+    straight = snapshots["straight"]
     param_error = max(
         max_rel_error(full(p.detach()), q)
         for p, q in zip(model.parameters(), straight["params"])
@@ -312,11 +324,72 @@ def checkpoint(args: dict) -> None:
                 )
     report(
         phase="load", world=dist.get_world_size(), steps_loaded=steps_loaded,
+        loaded_bitwise=loaded_bitwise, optimizer=name,
         param_error=param_error, state_error=state_error,
     )  # fmt: skip
 
 
-SCENARIOS = {"parity": parity, "collectives": collectives, "checkpoint": checkpoint}
+def from_consolidated(args: dict) -> None:
+    """Load a consolidated checkpoint that DeepSpeed wrote into FSDP2 (other
+    initial weights): bitwise equal on load, then ``more`` steps against
+    DeepSpeed's uninterrupted run; write one back for the return trip."""
+    from models import StraddleNet, straddle_batch, straddle_groups
+
+    from e_dist.checkpoint import consolidated
+
+    name, n, more = args["optimizer"], args["steps"], args["more"]
+    torch.manual_seed(1)
+    model = StraddleNet()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in (model.fc1, model.fc2, model.head):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    groups = straddle_groups(model)
+    if name == "ALTO":
+        optimizer = e_dist.ALTO(groups, max_grad_norm=args["clip"])
+    else:
+        optimizer = e_dist.E(torch.optim.AdamW(groups), alpha=-5, beta=0.99)
+    consolidated.load_into(model, optimizer, args["file"])
+    snapshots = torch.load(args["snapshots"], weights_only=True)
+
+    def errors(expected: dict) -> tuple[bool, float, float]:
+        bitwise, param_error, state_error = True, 0.0, 0.0
+        for pname, p in model.named_parameters():
+            ours = {"fp32": full(p.detach())}
+            ours.update({k: full(v) for k, v in optimizer.state[p].items()})
+            for key, value in expected[pname].items():
+                bitwise &= torch.equal(ours[key], value)
+                error = max_rel_error(ours[key], value)
+                if key == "fp32":
+                    param_error = max(param_error, error)
+                else:
+                    state_error = max(state_error, error)
+        return bool(bitwise), param_error, state_error
+
+    loaded_bitwise, _, _ = errors(snapshots["saved"])
+    steps_loaded = sorted({int(s["step"]) for s in optimizer.state.values()})
+    decays = [g["weight_decay"] for g in optimizer.param_groups]
+    for step in range(n, n + more):
+        optimizer.zero_grad()
+        model(straddle_batch(step)).backward()
+        if name != "ALTO":  # DeepSpeed clips before E
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args["clip"])
+        optimizer.step()
+    _, param_error, state_error = errors(snapshots["mid"])
+    consolidated.save_from(model, optimizer, args["out"], {"global_steps": n + more})
+    report(
+        optimizer=name, world=dist.get_world_size(), loaded_bitwise=loaded_bitwise,
+        steps_loaded=steps_loaded, weight_decays=decays,
+        param_error=param_error, state_error=state_error,
+    )  # fmt: skip
+
+
+SCENARIOS = {
+    "parity": parity,
+    "collectives": collectives,
+    "checkpoint": checkpoint,
+    "from_consolidated": from_consolidated,
+}
 
 
 def main() -> None:

@@ -105,25 +105,20 @@ def test_collectives_per_step(world, kind, norm_reduces):
         assert not any(v for k, v in counts.items() if k != "all_reduce"), row
 
 
-def test_dcp_save_and_reshard(tmp_path):
+@pytest.mark.parametrize("optimizer", ["ALTO", "EAdamW"])
+def test_dcp_save_and_reshard(tmp_path, optimizer):
     """Save at 2 ranks with get_optimizer_state_dict; load with
-    set_optimizer_state_dict at 2, 3 and 1 ranks; the next 3 steps match the
-    uninterrupted run (bitwise at 2 and 1 ranks; 3 ranks average gradients
-    with rounding)."""
-    results(2, "checkpoint", optimizer="ALTO", steps=3, phase="save", dir=str(tmp_path))
+    set_optimizer_state_dict at 2, 3 and 1 ranks: the state equals what was
+    saved, bitwise, and the next 5 steps match the uninterrupted run (bitwise
+    at 2 and 1 ranks; 3 ranks average gradients with rounding)."""
+    common = dict(optimizer=optimizer, steps=3, more=5, dir=str(tmp_path))
+    results(2, "checkpoint", phase="save", **common)
     for world in (2, 3, 1):
-        (row,) = results(
-            world,
-            "checkpoint",
-            optimizer="ALTO",
-            steps=3,
-            phase="load",
-            dir=str(tmp_path),
-        )
-        assert row["steps_loaded"] == [3], row
+        (row,) = results(world, "checkpoint", phase="load", **common)
+        assert row["steps_loaded"] == [3] and row["loaded_bitwise"], row
         if world == 3:
             assert (
                 row["param_error"] <= PARAM_BOUND and row["state_error"] <= STATE_BOUND
-            )
+            ), row
         else:
             assert row["param_error"] == 0.0 and row["state_error"] == 0.0, row

@@ -81,3 +81,38 @@ def test_universal_checkpoint_at_other_world_sizes_and_stages(zero_runs):
             check_loaded(row)
             assert row["weight_decays"] == DECAYS, row
             assert row["global_steps"] == STEPS + MORE, row
+
+
+def test_deepspeed_to_fsdp2_and_back_through_a_consolidated_file(zero_runs, tmp_path):
+    """ZeRO-2 at 2 ranks -> one file -> FSDP2 at 1 and 3 ranks, 5 steps; the
+    file FSDP2 writes at 3 ranks -> DeepSpeed ZeRO-2 at 1 and 3 ranks, 5 more
+    steps, against the uninterrupted DeepSpeed run."""
+    back_cases = []
+    for name in ("ALTO", "EAdamW"):
+        run = zero_runs / f"{name}-z2"
+        snapshots = f"{run}-snapshots.pt"
+        file = tmp_path / f"{name}-from-deepspeed.pt"
+        assert checkpoint_cli(["consolidate", str(run / "t"), str(file)]) == 0
+        for world in (1, 3):
+            back = tmp_path / f"{name}-from-fsdp{world}.pt"
+            (row,) = fsdp(
+                world, "from_consolidated", optimizer=name, file=str(file),
+                snapshots=snapshots, out=str(back), steps=STEPS, more=MORE, clip=0.05,
+            )  # fmt: skip
+            check_loaded(row)
+            assert row["weight_decays"] == DECAYS, row
+        universal = tmp_path / f"{name}-from-fsdp3-universal"
+        assert checkpoint_cli(["universal", str(back), str(universal / "t")]) == 0
+        back_cases.append(
+            {
+                "label": f"{name} fsdp2 -> zero-2", "optimizer": name, "stage": 2,
+                "universal": str(universal), "snapshots": snapshots,
+                "expected_file": str(back), "start": STEPS + MORE, "after": "end",
+            }
+        )  # fmt: skip
+    for world in (1, 3):
+        rows = ds(world, "universal_load", cases=back_cases, steps=STEPS, more=MORE)
+        assert len(rows) == len(back_cases)
+        for row in rows:
+            check_loaded(row, steps=STEPS + MORE)
+            assert row["weight_decays"] == DECAYS, row
