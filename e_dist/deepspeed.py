@@ -259,6 +259,22 @@ def _link_state_once_complete(wrapper: Any) -> None:
     wrapper._lazy_init_hp_params_optimizer_state = link_when_complete
 
 
+def _check_universal_before_loading(engine: Any) -> None:
+    """A universal checkpoint of another optimizer, or an incomplete one,
+    fails before the engine changes anything."""
+    from e_dist.checkpoint import universal
+
+    original = engine.load_checkpoint
+
+    @functools.wraps(original)
+    def load_checkpoint(load_dir, tag=None, *args, **kwargs):
+        if engine.load_universal_checkpoint():
+            universal.check_engine_load(engine, load_dir, tag)
+        return original(load_dir, tag, *args, **kwargs)
+
+    engine.load_checkpoint = load_checkpoint
+
+
 def attach(engine: Any) -> None:
     """Give the engine's ALTO its piece map and DeepSpeed's clipping."""
     basic = getattr(engine, "basic_optimizer", None)
@@ -267,6 +283,7 @@ def attach(engine: Any) -> None:
 
         _link_state_once_complete(engine.optimizer)
         universal.install_loaders(engine.optimizer)
+        _check_universal_before_loading(engine)
     if isinstance(basic, ALTO):
         _hand_clipping_to_engine(engine, basic)
         basic.piece_map = _piece_map(engine.optimizer, basic)

@@ -369,6 +369,31 @@ def universal_load(args: dict) -> None:
         engine.destroy()
 
 
+def universal_refused(args: dict) -> None:
+    """A universal checkpoint of another optimizer, or an incomplete one:
+    load_checkpoint fails with a clear error and changes nothing."""
+    from e_dist.checkpoint import CheckpointError
+
+    for case in args["cases"]:
+        name = case["optimizer"]
+        engine, _ = make_engine(
+            name, 2, "fp32", dist.get_world_size(), checkpoint={"load_universal": True}
+        )
+        train_step(engine, 0)
+        before, steps_before = named_snapshot(engine, name), engine.global_steps
+        try:
+            engine.load_checkpoint(case["universal"], tag="t")
+            error = None
+        except CheckpointError as err:
+            error = str(err)
+        unchanged, _, _ = snapshot_errors(engine, name, before)
+        report(
+            case=case["label"], error=error,
+            unchanged=unchanged and engine.global_steps == steps_before,
+        )  # fmt: skip
+        engine.destroy()
+
+
 def snapshot(engine, name: str) -> list[torch.Tensor]:
     out = []
     for p in engine.module.parameters():
@@ -559,6 +584,7 @@ SCENARIOS = {
     "checkpoint": checkpoint,
     "universal_save": universal_save,
     "universal_load": universal_load,
+    "universal_refused": universal_refused,
     "overflow": overflow,
     "config": config,
     "config_file": config_file,

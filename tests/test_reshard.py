@@ -16,6 +16,7 @@ where DeepSpeed clips in the engine. As in the parity tests (measured below
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import dist_harness
@@ -116,3 +117,29 @@ def test_deepspeed_to_fsdp2_and_back_through_a_consolidated_file(zero_runs, tmp_
         for row in rows:
             check_loaded(row, steps=STEPS + MORE)
             assert row["weight_decays"] == DECAYS, row
+
+
+def test_universal_checkpoint_of_another_optimizer_or_incomplete_is_refused(
+    zero_runs, tmp_path
+):
+    """Nothing changes in the live engine: not the weights, the state or the
+    step counters that DeepSpeed sets before the optimizer loads."""
+    alto = zero_runs / "ALTO-z2"
+    universal = tmp_path / "alto-universal"
+    assert checkpoint_cli(["universal", str(alto / "t"), str(universal / "t")]) == 0
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(universal, incomplete)
+    (incomplete / "t" / "e_dist_complete.json").unlink()
+    cases = [
+        {"label": "other", "optimizer": "EAdamW", "universal": str(universal)},
+        {"label": "incomplete", "optimizer": "ALTO", "universal": str(incomplete)},
+    ]
+    rows = {row["case"]: row for row in ds(1, "universal_refused", cases=cases)}
+    assert rows["other"]["unchanged"] and rows["incomplete"]["unchanged"], rows
+    assert (
+        "holds the state of ALTO, but the optimizer it is loaded into is E over "
+        "AdamW; nothing was loaded" in rows["other"]["error"]
+    ), rows
+    assert (
+        "is incomplete: it has no e_dist_complete.json" in rows["incomplete"]["error"]
+    ), rows

@@ -311,6 +311,18 @@ def load_zero3(wrapper: Any, checkpoint_dir: str) -> None:
             param.data = data.data
 
 
+def check_engine_load(engine: Any, load_dir: str, tag: str | None) -> None:
+    """Before ``engine.load_checkpoint`` of a universal checkpoint changes
+    anything (DeepSpeed sets its step counters before the optimizer loads):
+    the folder is complete and holds this optimizer's state."""
+    if tag is None:
+        tag = io.read_latest(load_dir, "latest_universal")
+        if tag is None:
+            return  # DeepSpeed itself warns and loads nothing
+    folder = Path(load_dir) / str(tag)
+    _check(engine.optimizer, read_global_state(folder), str(folder))
+
+
 def install_loaders(wrapper: Any) -> None:
     """Make ``wrapper`` load universal checkpoints with every state key."""
     kind = type(wrapper).__name__
