@@ -39,6 +39,7 @@ def fsdp(world: int, scenario: str, **args) -> list[dict]:
 
 
 def check_loaded(row: dict, steps: int = STEPS) -> None:
+    print("measured", row)  # shown with pytest -s
     assert row["loaded_bitwise"], row
     assert row["steps_loaded"] == [steps], row
     assert row["param_error"] <= PARAM_BOUND, row
