@@ -318,12 +318,15 @@ def universal_save(args: dict) -> None:
     """n steps, a ZeRO checkpoint and a snapshot of it; then the
     uninterrupted run's snapshots after ``more`` and ``2 * more`` steps."""
     world, n, more = dist.get_world_size(), args["steps"], args["more"]
+    precision = args.get("precision", "fp32")
     for stage in args["stages"]:
         for name in args["optimizers"]:
-            engine, _ = make_engine(name, stage, "fp32", world)
+            engine, _ = make_engine(name, stage, precision, world)
             for step in range(n):
                 train_step(engine, step)
-            run = f"{args['dir']}/{name}-z{stage}"
+            run = f"{args['dir']}/{name}-z{stage}" + (
+                "-bf16" if precision == "bf16" else ""
+            )
             engine.save_checkpoint(run, tag="t")
             snapshots = {"saved": named_snapshot(engine, name)}
             for label, start in (("mid", n), ("end", n + more)):
@@ -332,7 +335,7 @@ def universal_save(args: dict) -> None:
                 snapshots[label] = named_snapshot(engine, name)
             if dist.get_rank() == 0:
                 torch.save(snapshots, f"{run}-snapshots.pt")
-            report(stage=stage, optimizer=name)
+            report(stage=stage, optimizer=name, wrapper=type(engine.optimizer).__name__)
             engine.destroy()
 
 
@@ -343,8 +346,9 @@ def universal_load(args: dict) -> None:
     world, n, more = dist.get_world_size(), args["steps"], args["more"]
     for case in args["cases"]:
         name, stage = case["optimizer"], case["stage"]
+        precision = case.get("precision", "fp32")
         engine, _ = make_engine(
-            name, stage, "fp32", world, seed=1, checkpoint={"load_universal": True}
+            name, stage, precision, world, seed=1, checkpoint={"load_universal": True}
         )
         engine.load_checkpoint(case["universal"], tag="t")
         snapshots = torch.load(case["snapshots"], weights_only=True)
@@ -363,6 +367,7 @@ def universal_load(args: dict) -> None:
         )
         report(
             case=case["label"], world=world, loaded_bitwise=loaded_bitwise,
+            wrapper=type(engine.optimizer).__name__,
             steps_loaded=steps, weight_decays=groups, global_steps=engine.global_steps,
             param_error=param_error, state_error=state_error,
         )  # fmt: skip
