@@ -105,6 +105,24 @@ def test_collectives_per_step(world, kind, norm_reduces):
         assert not any(v for k, v in counts.items() if k != "all_reduce"), row
 
 
+def check_offline_consolidation(directory, optimizer: str) -> None:
+    """The DCP folder, read offline into one file, holds what was saved."""
+    import torch
+    from fsdp_worker import Net
+
+    from e_dist.checkpoint import dcp
+
+    described = None if optimizer == "ALTO" else {"type": "E", "base": "AdamW"}
+    ckpt = dcp.read(directory, described)
+    saved = torch.load(directory / "snapshots.pt", weights_only=True)["saved"]
+    names = [name for name, _ in Net().named_parameters()]
+    state = ckpt["optimizer_state"]["state"]
+    for name, param, entry in zip(names, saved["params"], saved["state"], strict=True):
+        assert torch.equal(ckpt["model"][name], param), name
+        for key, value in entry.items():
+            assert torch.equal(state[name][key], value), (name, key)
+
+
 @pytest.mark.parametrize("optimizer", ["ALTO", "EAdamW"])
 def test_dcp_save_and_reshard(tmp_path, optimizer):
     """Save at 2 ranks with get_optimizer_state_dict; load with
@@ -113,6 +131,7 @@ def test_dcp_save_and_reshard(tmp_path, optimizer):
     at 2 and 1 ranks; 3 ranks average gradients with rounding)."""
     common = dict(optimizer=optimizer, steps=3, more=5, dir=str(tmp_path))
     results(2, "checkpoint", phase="save", **common)
+    check_offline_consolidation(tmp_path, optimizer)
     for world in (2, 3, 1):
         (row,) = results(world, "checkpoint", phase="load", **common)
         assert row["steps_loaded"] == [3] and row["loaded_bitwise"], row

@@ -7,7 +7,9 @@
     python -m e_dist.checkpoint verify PATH
 
 SOURCE is a DeepSpeed ZeRO-1/2/3 checkpoint's tag folder (e.g.
-``checkpoints/global_step100``) or a consolidated ``.pt`` file.
+``checkpoints/global_step100``), an FSDP2 ``torch.distributed.checkpoint``
+folder holding ``{"model": ..., "optim": ...}`` (the main job's), or a
+consolidated ``.pt`` file.
 """
 
 from __future__ import annotations
@@ -20,12 +22,20 @@ from e_dist.checkpoint import consolidated, io
 from e_dist.checkpoint.io import CheckpointError
 
 
-def _read(source: Path, trust: bool) -> dict:
+def _read(source: Path, trust: bool, optimizer: str | None) -> dict:
+    """A consolidated file, a DCP folder or a ZeRO checkpoint's tag folder."""
+    from e_dist.checkpoint import dcp, zero
+
+    description = None
+    if optimizer is not None:
+        base = optimizer.split(":", 1)[1] if optimizer.startswith("E:") else None
+        name = "E" if base else optimizer
+        description = consolidated.describe_name(name, {"base": base})
     if source.is_file():
         return consolidated.load(source)
-    from e_dist.checkpoint import zero
-
-    return zero.read(source, trust=trust)
+    if dcp.is_dcp(source):
+        return dcp.read(source, description)
+    return zero.read(source, trust=trust, optimizer=description)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         command = commands.add_parser(name, help=help_text)
         command.add_argument("source", type=Path)
         command.add_argument("out", type=Path)
+        command.add_argument(
+            "--optimizer",
+            help="ALTO, EAdam, EAdamW, ESGD or E:<torch.optim class>, where the "
+            "checkpoint does not say (an FSDP checkpoint of E)",
+        )
         command.add_argument(
             "--trust-pickles",
             action="store_true",
@@ -62,14 +77,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "universal":
             from e_dist.checkpoint import universal
 
-            out = universal.write(_read(args.source, args.trust_pickles), args.out)
+            out = universal.write(
+                _read(args.source, args.trust_pickles, args.optimizer), args.out
+            )
             print(
                 f'wrote {out}; load it with "checkpoint": {{"load_universal": '
                 f"true}} and engine.load_checkpoint({str(out.parent)!r}, "
                 f"tag={out.name!r})"
             )
         elif args.command == "consolidate":
-            ckpt = _read(args.source, args.trust_pickles)
+            ckpt = _read(args.source, args.trust_pickles, args.optimizer)
             consolidated.save(ckpt, args.out)
             print(
                 f"wrote {args.out} ({consolidated.label(ckpt['optimizer'])}, "
