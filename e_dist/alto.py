@@ -15,9 +15,6 @@ from e_dist.update import (
     EXP_AVG,
     EXP_AVG_SQ,
     GRAD_EMA,
-    REF_BIAS_CORRECTED,
-    REF_EXP_GRAD_DIFF,
-    REF_PREV_GRAD,
     STEP,
     Moments,
 )
@@ -154,24 +151,15 @@ class ALTO(torch.optim.Optimizer):
 
         Reference entries (``prev_grad``, ``exp_grad_diff``, the bias-corrected
         copies, an integer ``step``) are converted exactly into ``grad_ema``
-        and a tensor ``step``.
+        and a tensor ``step`` (:func:`e_dist.checkpoint.reference.from_reference`).
+        Another optimizer's state dict raises
+        :class:`~e_dist.checkpoint.io.CheckpointError` and changes nothing.
         """
-        groups = state_dict["param_groups"]
-        beta1_of = {i: g["betas"][0] for g in groups for i in g["params"]}
-        state = {}
-        for index, entry in state_dict["state"].items():
-            entry = dict(entry)
-            if REF_PREV_GRAD in entry:
-                prev_grad = entry.pop(REF_PREV_GRAD)
-                exp_grad_diff = entry.pop(REF_EXP_GRAD_DIFF)
-                entry[GRAD_EMA] = update.grad_ema_from_reference(
-                    prev_grad, exp_grad_diff, beta1_of[index]
-                )
-                for key in REF_BIAS_CORRECTED:
-                    entry.pop(key, None)
-            if STEP in entry and not torch.is_tensor(entry[STEP]):
-                entry[STEP] = torch.tensor(float(entry[STEP]), dtype=torch.float32)
-            state[index] = entry
+        # Imported on use: the checkpoint package builds on the optimizers.
+        from e_dist.checkpoint.reference import as_alto_state
+
+        converted = as_alto_state(state_dict, caller="ALTO.load_state_dict")
+        state, groups = converted["state"], converted["param_groups"]
         groups = [_with_defaults(g, self.defaults) for g in groups]
         super().load_state_dict({"state": state, "param_groups": groups})
         # Moments live in the parameter's dtype; torch's loader casts them, but
@@ -335,8 +323,6 @@ def _init_state(state: dict[str, Any], param: Tensor) -> None:
 def _with_defaults(group: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     """A loaded group with the keys that older or reference dicts lack."""
     group = dict(group)
-    if "alp" in group and "alpha" not in group:  # the reference's name
-        group["alpha"] = group.pop("alp")
     for key, value in defaults.items():
         group.setdefault(key, value)
     return group

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from e_dist import hparams, update
-from e_dist.update import GRAD_EMA, REF_EXP_GRAD_DIFF, REF_PREV_GRAD
+from e_dist.update import GRAD_EMA
 
 logger = logging.getLogger(__name__)
 
@@ -148,17 +148,21 @@ class E(torch.optim.Optimizer):
         """Load a state dict of :meth:`state_dict`'s format.
 
         Entries holding the reference package's ``prev_grad`` and
-        ``exp_grad_diff`` are converted exactly into ``grad_ema``.
+        ``exp_grad_diff`` are converted exactly into ``grad_ema``. A state
+        dict of another optimizer (ALTO, the base optimizer alone, E over
+        another base optimizer) raises
+        :class:`~e_dist.checkpoint.io.CheckpointError` and changes nothing.
         """
-        state = {}
-        for index, entry in state_dict["state"].items():
-            if REF_PREV_GRAD in entry:
-                entry = dict(entry)
-                entry[GRAD_EMA] = update.grad_ema_from_reference(
-                    entry.pop(REF_PREV_GRAD), entry.pop(REF_EXP_GRAD_DIFF), self.beta
-                )
-            state[index] = entry
-        self.base_optimizer.load_state_dict({**state_dict, "state": state})
+        # Imported on use: the checkpoint package builds on the optimizers.
+        from e_dist.checkpoint.reference import as_e_state
+
+        converted = as_e_state(
+            state_dict,
+            self.beta,
+            caller="E.load_state_dict",
+            base_optimizer=self.base_optimizer,
+        )
+        self.base_optimizer.load_state_dict(converted)
 
     # State-dict hooks act on the dict the base optimizer builds and loads.
     def register_state_dict_pre_hook(self, hook, prepend: bool = False):
