@@ -70,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         command.add_argument("source", type=Path)
         command.add_argument("out", type=Path)
         command.add_argument("--optimizer", choices=("ALTO", "E"), required=True)
+        command.add_argument(
+            "--beta",
+            type=float,
+            help="E's beta (from-reference: the reference keeps it outside its "
+            "state dict)",
+        )
     command = commands.add_parser("verify", help="check a checkpoint is complete")
     command.add_argument("path", type=Path)
     args = parser.parse_args(argv)
@@ -95,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command in ("to-reference", "from-reference"):
             from e_dist.checkpoint import reference
 
-            reference.convert_file(args.source, args.out, args.command, args.optimizer)
+            reference.convert_file(
+                args.source, args.out, args.command, args.optimizer, beta=args.beta
+            )
             print(f"wrote {args.out}")
         else:
             if args.path.is_dir():
@@ -104,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 ckpt = consolidated.load(args.path)
                 print(f"{args.path}: complete, {consolidated.label(ckpt['optimizer'])}")
-    except CheckpointError as err:
+    except (CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

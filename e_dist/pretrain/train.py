@@ -87,6 +87,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--resume", action="store_true", help="continue from the last checkpoint"
     )
     p.add_argument(
+        "--init-from",
+        help="start from a consolidated checkpoint (python -m e_dist.checkpoint "
+        "consolidate): another backend's or world size's run, continued at its step",
+    )
+    p.add_argument(
         "--until",
         type=int,
         help="stop after this step (a time-limited job); the schedule stays --steps'",
@@ -118,6 +123,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be positive")
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
+    if args.init_from and args.resume:
+        p.error("--init-from starts a run; --resume continues one: pick one")
+    if args.init_from and not Path(args.init_from).is_file():
+        p.error(f"--init-from: {args.init_from} is not a file")
     if args.keep_checkpoints is not None and args.keep_checkpoints <= 0:
         p.error("--keep-checkpoints must be positive (leave it out to keep all)")
     if args.compare:
@@ -327,6 +336,9 @@ class Trainer:
         if self.name == "AdamW" and not torch.cuda.is_available():
             params["torch_adam"] = True  # no FusedAdam build on CPU
         config["optimizer"] = {"type": self.name, "params": params}
+        if args.init_from:  # loaded through a universal checkpoint
+            config["checkpoint"] = {**config.get("checkpoint", {})}
+            config["checkpoint"]["load_universal"] = True
         self.engine, *_ = deepspeed.initialize(model=model, config=config)
         self.model = self.engine
         self.optimizer = self.engine.basic_optimizer
@@ -505,6 +517,33 @@ class Trainer:
             raise checkpoint_io.CheckpointError(problem)
         return tag
 
+    def init_from(self, path: Path, workdir: Path) -> int:
+        """Load a consolidated checkpoint (any backend, any world size);
+        returns the step it was written at."""
+        from e_dist.checkpoint import consolidated
+
+        if self.args.backend == "fsdp":
+            meta = consolidated.load_into(self.model, self.optimizer, path)
+        else:
+            from e_dist.checkpoint import universal
+
+            folder = workdir / "init-from"
+            error = None
+            if self.rank == 0:
+                try:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    universal.write(consolidated.load(path), folder / "t")
+                except checkpoint_io.CheckpointError as err:
+                    error = str(err)
+            shared = [error]
+            dist.broadcast_object_list(shared, src=0)
+            if shared[0] is not None:
+                raise checkpoint_io.CheckpointError(shared[0])
+            _, client = self.engine.load_checkpoint(str(folder), tag="t")
+            meta = {"client_state": client, "global_steps": client.get("step", 0)}
+        client = meta.get("client_state") or {}
+        return int(client.get("step", meta.get("global_steps", 0)))
+
     def load(self, directory: Path) -> int:
         """Restore the checkpoint ``latest`` names, after checking it is
         complete and intact; returns its step (0 if there is none)."""
@@ -589,6 +628,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         checkpoints.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     start = trainer.load(checkpoints) if args.resume else 0
+    if args.init_from:
+        start = trainer.init_from(Path(args.init_from), checkpoints)
+        if rank == 0:
+            logger.info("started from %s at step %d", args.init_from, start)
     if args.resume and start == 0 and rank == 0:
         latest = checkpoints / "latest"
         logger.warning("--resume: no %s, so no checkpoint; starting at step 0", latest)
