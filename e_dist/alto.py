@@ -146,6 +146,11 @@ class ALTO(torch.optim.Optimizer):
             params = [p for g in self.param_groups for p in g["params"]]
             self.piece_map = auto_piece_map(params)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's Optimizer keeps only defaults, state and groups: a copy or
+        # an unpickled ALTO would lose its clip, implementation and piece map.
+        return dict(self.__dict__)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of this class or of the reference package's ALTO.
 

@@ -176,3 +176,14 @@ def test_universal_from_consolidated_and_its_errors(tmp_path, capsys):
     io.commit(out)
     with pytest.raises(CheckpointError, match="drops ALTO's and E's grad_ema"):
         universal.read_global_state(out)
+
+
+@pytest.mark.parametrize("make_optimizer", [alto, eadamw])
+def test_copies_keep_every_setting(make_optimizer):
+    """copy.deepcopy (and pickle) of a model with its optimizer steps on as
+    the original: ALTO's clip, implementation and piece map come along."""
+    model, optimizer = trained(make_optimizer)
+    model2, optimizer2 = copy.deepcopy((model, optimizer))
+    train(model, optimizer, 2, start=3)
+    train(model2, optimizer2, 2, start=3)
+    assert same(live(model2, optimizer2), live(model, optimizer))
