@@ -21,8 +21,9 @@ import os
 import pickle
 import re
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -50,26 +51,24 @@ def _fsync_directory(directory: Path) -> None:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that it appears whole or not at all."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_directory(path.parent)
+    _write_atomically(path, lambda f: f.write(data))
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save(obj, path)``, atomically (see :func:`atomic_write_bytes`)."""
+    _write_atomically(path, lambda f: torch.save(obj, f))
+
+
+def _write_atomically(
+    path: str | os.PathLike, write: Callable[[IO[bytes]], Any]
+) -> None:
+    # A temporary name in the same folder, flushed to disk, then renamed: a
+    # crash leaves the old file or none, never part of the new one.
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
