@@ -1,7 +1,7 @@
 """DeepSpeed integration: optimizer names in the JSON config, ZeRO piece maps.
 
-Importing :mod:`e_dist` installs three hooks on DeepSpeed's engine, nothing
-else changes:
+Importing :mod:`e_dist` installs three hooks on DeepSpeed's engine and one on
+its stage-0 fp16/bf16 wrapper; nothing else changes:
 
 - ``_is_supported_optimizer`` and ``_configure_basic_optimizer``: build ALTO,
   E and the E shorthands from ``"optimizer": {"type": ...}`` in the config
@@ -13,6 +13,9 @@ else changes:
   BF16_Optimizer; whole parameters at stage 0) and hands its gradient
   clipping to the engine, so that one clip, over every rank's gradients,
   happens per step.
+- ``FP16_UnfusedOptimizer.initialize_optimizer_states``: skips the step with
+  zero gradients that this wrapper takes at construction, for ALTO and E
+  (for ALTO it would shrink every decayed parameter by ``lr``).
 
 Supported: deepspeed 0.19. Others get a warning once; a missing internal
 fails with a message naming it.
@@ -275,12 +278,64 @@ def _check_universal_before_loading(engine: Any) -> None:
     engine.load_checkpoint = load_checkpoint
 
 
+def _scale_loss_at_stage0(engine: Any) -> None:
+    """Apply the fp16 loss scale that DeepSpeed 0.19 forgets at stage 0.
+
+    ``engine.backward`` and ``engine.scale`` scale the loss only for ZeRO
+    wrappers; FP16_UnfusedOptimizer's ``step()`` still divides the gradients
+    by its loss scale, so they come out ``2**initial_scale_power`` times too
+    small and gradient clipping never fires (DeepSpeed pull request #8393,
+    open). For ALTO and E the loss is scaled here, as the wrapper's own
+    ``backward`` would.
+    """
+    wrapper = engine.optimizer
+    if type(wrapper).__name__ != "FP16_UnfusedOptimizer":
+        return
+    if not _internal(wrapper, "loss_scale_config").use_grad_scaling:  # bf16
+        return
+    if not check_version(_deepspeed_version()):
+        raise UnsupportedDeepSpeed(
+            "fp16 at ZeRO stage 0 with ALTO or E: deepspeed 0.19 does not apply "
+            "the loss scale in engine.backward (pull request #8393) and e_dist "
+            "applies it; whether this deepspeed does is not known. Use bf16, or "
+            "ZeRO stage 1 or above, or a tested deepspeed."
+        )
+    backward, scale = engine.backward, engine.scale
+
+    def loss_scale() -> float:
+        # The scale the wrapper's own backward() would apply.
+        if getattr(wrapper, "custom_loss_scaler", False):
+            return wrapper.external_loss_scale
+        return wrapper.loss_scale_config.cur_scale
+
+    @functools.wraps(backward)
+    def scaled_backward(loss, *args, **kwargs):
+        factor = loss_scale()
+        if factor == 1.0:
+            return backward(loss, *args, **kwargs)
+        out = backward(loss.float() * factor, *args, **kwargs)
+        return (out / factor).to(loss.dtype)
+
+    @functools.wraps(scale)
+    def scaled(loss):
+        return scale(loss).float() * loss_scale()
+
+    engine.backward, engine.scale = scaled_backward, scaled
+
+
+def _deepspeed_version() -> str:
+    import deepspeed
+
+    return deepspeed.__version__
+
+
 def attach(engine: Any) -> None:
     """Give the engine's ALTO its piece map and DeepSpeed's clipping."""
     basic = getattr(engine, "basic_optimizer", None)
     if isinstance(basic, (ALTO, E)):
         from e_dist.checkpoint import universal
 
+        _scale_loss_at_stage0(engine)
         _link_state_once_complete(engine.optimizer)
         universal.install_loaders(engine.optimizer)
         _check_universal_before_loading(engine)
@@ -320,6 +375,23 @@ def _patched_is_supported(original: Callable) -> Callable:
     return is_supported_optimizer
 
 
+def _patched_initial_step(original: Callable) -> Callable:
+    # FP16_UnfusedOptimizer (stage 0 in fp16 or bf16) creates its optimizer's
+    # state by calling step() once with zero gradients. For ALTO that step is
+    # not empty: weight decay times the trust ratio shrinks every decayed
+    # parameter by lr, and every step count and E's gradient EMA advance
+    # (torch's AdamW too decays once and counts a step). ALTO and E create
+    # their state at their first real step instead.
+    @functools.wraps(original)
+    def initialize_optimizer_states(self):
+        if isinstance(self.optimizer, (ALTO, E)):
+            return
+        original(self)
+
+    initialize_optimizer_states.e_dist_hook = True
+    return initialize_optimizer_states
+
+
 def _patched_configure(original: Callable) -> Callable:
     @functools.wraps(original)
     def configure_optimizer(self, client_optimizer, model_parameters):
@@ -350,6 +422,7 @@ def install() -> bool:
     try:
         import deepspeed
         from deepspeed.runtime.engine import DeepSpeedEngine
+        from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
         from deepspeed.runtime.zero import utils as zero_utils
     except ImportError:
         return False
@@ -362,6 +435,11 @@ def install() -> bool:
         original = _internal(DeepSpeedEngine, name)
         if not getattr(original, "e_dist_hook", False):
             setattr(DeepSpeedEngine, name, make(original))
+    original = _internal(FP16_UnfusedOptimizer, "initialize_optimizer_states")
+    if not getattr(original, "e_dist_hook", False):
+        FP16_UnfusedOptimizer.initialize_optimizer_states = _patched_initial_step(
+            original
+        )
     supported = _internal(zero_utils, "ZERO_SUPPORTED_OPTIMIZERS")
     for cls in (ALTO, E):
         if cls not in supported:

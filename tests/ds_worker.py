@@ -86,6 +86,13 @@ def ds_config(name: str, stage: int, precision: str, world: int, **extra) -> dic
         config["bf16"] = {"enabled": True}
         if stage == 1:  # DeepSpeed's BF16_Optimizer
             config["data_types"] = {"grad_accum_dtype": "fp32"}
+    if precision == "fp16":  # dynamic loss scaling from 2**scale_power
+        config["fp16"] = {
+            "enabled": True,
+            "loss_scale": 0,
+            "initial_scale_power": extra.pop("scale_power", 8),
+            "hysteresis": 1,
+        }
     config.update(extra)
     return config
 
@@ -118,7 +125,23 @@ def _master(engine, param: torch.Tensor) -> torch.Tensor:
     return param
 
 
+def allow_fp16_on_cpu() -> None:
+    """Let DeepSpeed's CPU accelerator take fp16 configs.
+
+    The accelerator reports fp16 as supported only where oneDNN has fp16
+    kernels for the CPU (not on these machines), and the engine then refuses
+    the config. torch computes in fp16 on any CPU, more slowly; claiming the
+    support lets all of DeepSpeed's own fp16 code run unchanged: the fp16
+    wrappers, the dynamic loss scaler and the overflow check.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().is_fp16_supported = lambda: True
+
+
 def make_engine(name, stage, precision, world, seed=0, **extra):
+    if precision == "fp16":
+        allow_fp16_on_cpu()
     torch.manual_seed(seed)
     model = Net()
     twin = copy.deepcopy(model)
@@ -139,12 +162,16 @@ def train_step(engine, step: int, accumulation: int = 1) -> None:
         print(f"step 0 gradient norm {float(norm):.4g} (clip {CLIP})", flush=True)
 
 
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def twin_step(
     name, twin, optimizer, step: int, precision: str, accumulation: int = 1
 ) -> None:
     optimizer.zero_grad()
+    half = HALF.get(precision)
     for micro in range(accumulation):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.autocast("cpu", dtype=half, enabled=half is not None):
             loss = twin(batch(step * accumulation + micro))
         (loss / accumulation).backward()
     if name != "ALTO":  # DeepSpeed clips before E; ALTO clips inside
@@ -182,17 +209,15 @@ def parity(args: dict) -> None:
                 twin.optimizer_for_test = twin_optimizer(name, twin)
                 if args.get("shard_local_norms"):  # negative control
                     engine.basic_optimizer.piece_map = e_dist.pieces.SINGLE_PROCESS
-                worst = (0.0, 0.0)
+                worst, skipped = (0.0, 0.0), 0
                 for step in range(args["steps"]):
                     train_step(engine, step, accumulation)
-                    twin_step(
-                        name,
-                        twin,
-                        twin.optimizer_for_test,
-                        step,
-                        precision,
-                        accumulation,
-                    )
+                    if engine.skipped_steps == skipped:
+                        twin_step(
+                            name, twin, twin.optimizer_for_test, step, precision,
+                            accumulation,
+                        )  # fmt: skip
+                    skipped = engine.skipped_steps  # fp16 overflow: no step
                     errors = compare(engine, twin, name)
                     worst = tuple(max(a, b) for a, b in zip(worst, errors))
                 state = engine.basic_optimizer.state.values()
@@ -203,7 +228,7 @@ def parity(args: dict) -> None:
                     state_steps=sorted(steps),
                     wrapper=type(engine.optimizer).__name__,
                     optimizer_name=engine.optimizer_name(),
-                    param_error=worst[0], state_error=worst[1],
+                    param_error=worst[0], state_error=worst[1], skipped=skipped,
                 )  # fmt: skip
                 engine.destroy()
 
@@ -408,30 +433,44 @@ def snapshot(engine, name: str) -> list[torch.Tensor]:
 
 
 def overflow(args: dict) -> None:
-    """A step whose gradients are not finite leaves every state untouched."""
+    """A step whose gradients are not finite leaves every state untouched.
+
+    fp32: an infinite loss. fp16: a loss 1e6 times larger, whose gradients,
+    times the dynamic loss scale, overflow fp16; the scale then halves.
+    """
     world = dist.get_world_size()
+    precision = args.get("precision", "fp32")
+    factor = 1e6 if precision == "fp16" else float("inf")
     for stage in args["stages"]:
         for name in args["optimizers"]:
-            engine, _ = make_engine(name, stage, "fp32", world)
+            engine, _ = make_engine(name, stage, precision, world)
             for step in range(2):
                 train_step(engine, step)
 
             before = snapshot(engine, name)
+            scale_before = engine._get_optimizer_loss_scale()
             loss = engine(batch(2))
-            engine.backward(loss * float("inf"))
+            engine.backward(loss.float() * factor)
             engine.step()
             untouched = all(
                 torch.equal(a, b) for a, b in zip(before, snapshot(engine, name))
             )
             skipped = engine.skipped_steps
+            scale_after = engine._get_optimizer_loss_scale()
             train_step(engine, 3)  # and training goes on
+            changed = not all(
+                torch.equal(a, b) for a, b in zip(before, snapshot(engine, name))
+            )
             finite = all(
                 torch.isfinite(full_param(engine, p)).all()
                 for p in engine.module.parameters()
             )
+            steps = {int(v["step"]) for v in engine.basic_optimizer.state.values()}
             report(
                 stage=stage, optimizer=name, untouched=untouched,
                 skipped_steps=skipped, finite_after=bool(finite),
+                changed_after=changed, state_steps=sorted(steps),
+                loss_scale=[scale_before, scale_after],
             )  # fmt: skip
             engine.destroy()
 
@@ -567,6 +606,8 @@ def config_file(args: dict) -> None:
     """Load a file of ds_configs/ and train a few steps with it."""
     with open(args["path"]) as f:
         cfg = json.load(f)
+    if cfg.get("fp16", {}).get("enabled"):
+        allow_fp16_on_cpu()
     torch.manual_seed(0)
     model = Net()
     engine, *_ = deepspeed.initialize(model=model, config=cfg)
