@@ -293,7 +293,7 @@ def _scale_loss_at_stage0(engine: Any) -> None:
         return
     if not _internal(wrapper, "loss_scale_config").use_grad_scaling:  # bf16
         return
-    if not check_version(_deepspeed_version()):
+    if not _deepspeed_version().startswith(TESTED_VERSIONS):
         raise UnsupportedDeepSpeed(
             "fp16 at ZeRO stage 0 with ALTO or E: deepspeed 0.19 does not apply "
             "the loss scale in engine.backward (pull request #8393) and e_dist "

@@ -46,6 +46,25 @@ def test_unknown_wrapper_is_refused():
         ds_hooks._piece_map(SomeFutureOptimizer(), object())
 
 
+def test_stage0_fp16_loss_scaling_is_refused_on_untested_versions(monkeypatch):
+    """e_dist scales the loss that deepspeed 0.19 forgets at stage 0 in fp16;
+    on a version that may scale it itself, it refuses rather than guess."""
+
+    class FP16_UnfusedOptimizer:  # the name DeepSpeed's wrapper has
+        class loss_scale_config:
+            use_grad_scaling = True
+
+    class Engine:
+        optimizer = FP16_UnfusedOptimizer()
+
+    monkeypatch.setattr(ds_hooks, "_deepspeed_version", lambda: "0.20.0")
+    with pytest.raises(
+        ds_hooks.UnsupportedDeepSpeed,
+        match=r"fp16 at ZeRO stage 0 with ALTO or E: deepspeed 0\.19 does not apply",
+    ):
+        ds_hooks._scale_loss_at_stage0(Engine())
+
+
 SCRIPT = textwrap.dedent(
     """
     import argparse, sys
