@@ -48,10 +48,11 @@ def check_loaded(row: dict, steps: int = STEPS) -> None:
 
 @pytest.fixture(scope="module")
 def zero_runs(tmp_path_factory) -> Path:
-    """ZeRO-2 and ZeRO-3 checkpoints at 2 ranks, ALTO and E over AdamW."""
+    """ZeRO-1, 2 and 3 checkpoints at 2 ranks, ALTO and E over AdamW; ALTO
+    under BF16_Optimizer (ZeRO-1, bf16)."""
     directory = tmp_path_factory.mktemp("zero")
     common = dict(steps=STEPS, more=MORE, dir=str(directory))
-    ds(2, "universal_save", stages=[2, 3], optimizers=["ALTO", "EAdamW"], **common)
+    ds(2, "universal_save", stages=[1, 2, 3], optimizers=["ALTO", "EAdamW"], **common)
     (row,) = ds(
         2, "universal_save", stages=[1], optimizers=["ALTO"], precision="bf16",
         **common,
@@ -61,10 +62,11 @@ def zero_runs(tmp_path_factory) -> Path:
 
 
 def test_universal_checkpoint_at_other_world_sizes_and_stages(zero_runs):
-    """ZeRO-2 -> ZeRO-2, ZeRO-2 -> ZeRO-3, ZeRO-3 -> ZeRO-1, at 1 and 3 ranks."""
+    """ZeRO-2 -> ZeRO-2, ZeRO-2 -> ZeRO-3, ZeRO-3 -> ZeRO-1, ZeRO-1 -> ZeRO-2,
+    at 1 and 3 ranks."""
     cases = []
     for name in ("ALTO", "EAdamW"):
-        for source, target in ((2, 2), (2, 3), (3, 1)):
+        for source, target in ((2, 2), (2, 3), (3, 1), (1, 2)):
             run = zero_runs / f"{name}-z{source}"
             universal = zero_runs / f"{name}-z{source}-universal"
             if not universal.exists():
