@@ -24,6 +24,7 @@ fails with a message naming it.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -262,18 +263,30 @@ def _link_state_once_complete(wrapper: Any) -> None:
     wrapper._lazy_init_hp_params_optimizer_state = link_when_complete
 
 
-def _check_universal_before_loading(engine: Any) -> None:
-    """A universal checkpoint of another optimizer, or an incomplete one,
-    fails before the engine changes anything."""
-    from e_dist.checkpoint import universal
+def _check_before_loading(engine: Any) -> None:
+    """A checkpoint that cannot load whole fails before the engine changes
+    anything: a universal one of another optimizer or incomplete; one of
+    DeepSpeed's own format that is damaged, of another optimizer, world size
+    or ZeRO stage."""
+    from e_dist.checkpoint import universal, zero
 
     original = engine.load_checkpoint
+    signature = inspect.signature(original)
 
     @functools.wraps(original)
-    def load_checkpoint(load_dir, tag=None, *args, **kwargs):
+    def load_checkpoint(*args, **kwargs):
+        call = signature.bind(*args, **kwargs)
+        call.apply_defaults()
+        load_dir, tag = call.arguments["load_dir"], call.arguments.get("tag")
         if engine.load_universal_checkpoint():
             universal.check_engine_load(engine, load_dir, tag)
-        return original(load_dir, tag, *args, **kwargs)
+        else:
+            optimizer_states = call.arguments.get("load_optimizer_states", True)
+            module_only = call.arguments.get("load_module_only", False)
+            zero.check_engine_load(
+                engine, load_dir, tag, optimizer_states and not module_only
+            )
+        return original(*args, **kwargs)
 
     engine.load_checkpoint = load_checkpoint
 
@@ -338,7 +351,7 @@ def attach(engine: Any) -> None:
         _scale_loss_at_stage0(engine)
         _link_state_once_complete(engine.optimizer)
         universal.install_loaders(engine.optimizer)
-        _check_universal_before_loading(engine)
+        _check_before_loading(engine)
     if isinstance(basic, ALTO):
         _hand_clipping_to_engine(engine, basic)
         basic.piece_map = _piece_map(engine.optimizer, basic)

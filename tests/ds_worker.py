@@ -399,29 +399,43 @@ def universal_load(args: dict) -> None:
         engine.destroy()
 
 
-def universal_refused(args: dict) -> None:
-    """A universal checkpoint of another optimizer, or an incomplete one:
-    load_checkpoint fails with a clear error and changes nothing."""
+def refused(args: dict) -> None:
+    """A checkpoint that cannot load whole: load_checkpoint fails with a clear
+    error and changes nothing, not the module's weights, the fp32 weights, the
+    optimizer state or the step counters."""
     from e_dist.checkpoint import CheckpointError
 
     for case in args["cases"]:
-        name = case["optimizer"]
+        name, universal = case["optimizer"], case.get("universal", True)
         engine, _ = make_engine(
-            name, 2, "fp32", dist.get_world_size(), checkpoint={"load_universal": True}
-        )
+            name, case.get("stage", 2), "fp32", dist.get_world_size(),
+            checkpoint={"load_universal": universal},
+        )  # fmt: skip
         train_step(engine, 0)
         before, steps_before = named_snapshot(engine, name), engine.global_steps
+        module_before = module_weights(engine)
         try:
-            engine.load_checkpoint(case["universal"], tag="t")
+            engine.load_checkpoint(case["dir"], tag="t")
             error = None
         except CheckpointError as err:
             error = str(err)
         unchanged, _, _ = snapshot_errors(engine, name, before)
+        module_unchanged = all(
+            torch.equal(a, b) for a, b in zip(module_before, module_weights(engine))
+        )
         report(
             case=case["label"], error=error,
-            unchanged=unchanged and engine.global_steps == steps_before,
+            unchanged=unchanged and module_unchanged
+            and engine.global_steps == steps_before,
         )  # fmt: skip
         engine.destroy()
+
+
+def module_weights(engine) -> list[torch.Tensor]:
+    """What this rank holds of the module's own (bit16) weights."""
+    return [
+        getattr(p, "ds_tensor", p).detach().clone() for p in engine.module.parameters()
+    ]
 
 
 def snapshot(engine, name: str) -> list[torch.Tensor]:
@@ -630,7 +644,7 @@ SCENARIOS = {
     "checkpoint": checkpoint,
     "universal_save": universal_save,
     "universal_load": universal_load,
-    "universal_refused": universal_refused,
+    "refused": refused,
     "overflow": overflow,
     "config": config,
     "config_file": config_file,

@@ -156,10 +156,10 @@ def test_universal_checkpoint_of_another_optimizer_or_incomplete_is_refused(
     shutil.copytree(universal, incomplete)
     (incomplete / "t" / "e_dist_complete.json").unlink()
     cases = [
-        {"label": "other", "optimizer": "EAdamW", "universal": str(universal)},
-        {"label": "incomplete", "optimizer": "ALTO", "universal": str(incomplete)},
+        {"label": "other", "optimizer": "EAdamW", "dir": str(universal)},
+        {"label": "incomplete", "optimizer": "ALTO", "dir": str(incomplete)},
     ]
-    rows = {row["case"]: row for row in ds(1, "universal_refused", cases=cases)}
+    rows = {row["case"]: row for row in ds(1, "refused", cases=cases)}
     assert rows["other"]["unchanged"] and rows["incomplete"]["unchanged"], rows
     assert (
         "holds the state of ALTO, but the optimizer it is loaded into is E over "
@@ -168,3 +168,65 @@ def test_universal_checkpoint_of_another_optimizer_or_incomplete_is_refused(
     assert (
         "is incomplete: it has no e_dist_complete.json" in rows["incomplete"]["error"]
     ), rows
+
+
+def test_deepspeed_checkpoint_that_cannot_load_whole_is_refused(zero_runs, tmp_path):
+    """engine.load_checkpoint of DeepSpeed's own format: DeepSpeed loads the
+    module's weights and its counters before the optimizer's state, so every
+    rank checks the files it will read first, and all ranks refuse together
+    (a damaged file on rank 1 stops rank 0 too)."""
+    alto, damaged = zero_runs / "ALTO-z2", tmp_path / "damaged"
+    shutil.copytree(alto, damaged)
+    rank1 = damaged / "t" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    rank1.write_bytes(rank1.read_bytes()[:-100])
+    native = {"universal": False}
+    cases = [
+        {"label": "other", "optimizer": "ALTO", "dir": str(zero_runs / "EAdamW-z2")},
+        {
+            "label": "other z3", "optimizer": "EAdamW", "stage": 3,
+            "dir": str(zero_runs / "ALTO-z3"),
+        },
+        {"label": "stage", "optimizer": "ALTO", "stage": 3, "dir": str(alto)},
+        {"label": "stage 0", "optimizer": "ALTO", "stage": 0, "dir": str(alto)},
+        {"label": "damaged", "optimizer": "ALTO", "dir": str(damaged)},
+    ]  # fmt: skip
+    rows = {r["case"]: r for r in ds(2, "refused", cases=[c | native for c in cases])}
+    (world,) = ds(
+        1, "refused",
+        cases=[{"label": "world", "optimizer": "ALTO", "dir": str(damaged)} | native],
+    )  # fmt: skip
+    rows["world"] = world
+    for row in rows.values():
+        print("measured", row)
+        assert row["unchanged"], row
+        assert row["error"].endswith("; nothing was loaded"), row
+    assert (
+        "expected ALTO's state (three betas and alpha in every param group), found "
+        "E's state over an optimizer with hyperparameters betas, eps, lr, "
+        "weight_decay" in rows["other"]["error"]
+    ), rows["other"]
+    assert (
+        "expected E's state over AdamW, found ALTO's state" in rows["other z3"]["error"]
+    ), rows["other z3"]
+    assert (
+        "has no zero_pp_rank_0_mp_rank_00_model_states.pt, which this engine (ZeRO "
+        "stage 3) reads; it holds ['mp_rank_00_model_states.pt']. Convert it with "
+        "`python -m e_dist.checkpoint universal" in rows["stage"]["error"]
+    ), rows["stage"]
+    assert (
+        "holds no optimizer state, which a ZeRO stage 0 engine reads from it (a "
+        "ZeRO checkpoint: zero_pp_rank_0_mp_rank_00_optim_states.pt"
+        in rows["stage 0"]["error"]
+    ), rows["stage 0"]
+    assert rows["damaged"]["error"].startswith("rank 1 refused the checkpoint: "), rows[
+        "damaged"
+    ]
+    assert (
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt is truncated or corrupted"
+        in rows["damaged"]["error"]
+    ), rows["damaged"]
+    assert (
+        "was saved at 2 data-parallel ranks and this engine has 1; DeepSpeed loads "
+        "ZeRO optimizer state only at the world size it was saved at. Convert it"
+        in rows["world"]["error"]
+    ), rows["world"]

@@ -77,14 +77,16 @@ def _write_atomically(
     _fsync_directory(path.parent)
 
 
-def load(path: str | os.PathLike, what: str = "checkpoint") -> Any:
+def load(path: str | os.PathLike, what: str = "checkpoint", mmap: bool = False) -> Any:
     """``torch.load(path, weights_only=True)`` onto the CPU, with errors that
-    say which file is missing, truncated or corrupted."""
+    say which file is missing, truncated or corrupted. With ``mmap``, tensors
+    are mapped, not read: opening a large file to look at its structure
+    costs little."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{what} {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         if "weights_only" in str(err):
             raise CheckpointError(

@@ -45,6 +45,7 @@ from e_dist import hparams, update
 from e_dist.alto import ALTO
 from e_dist.checkpoint import io
 from e_dist.checkpoint.io import CheckpointError
+from e_dist.e import E
 from e_dist.update import (
     EXP_AVG,
     EXP_AVG_SQ,
@@ -289,6 +290,23 @@ def as_e_state(
             reset,
         )
     return {**state_dict, _STATE: state}
+
+
+def check_loadable(
+    optimizer: torch.optim.Optimizer, state_dict: Mapping[str, Any], *, caller: str
+) -> None:
+    """Raise what ``optimizer.load_state_dict(state_dict)`` would raise for a
+    state dict of another optimizer, without loading anything.
+
+    Raises:
+        CheckpointError: naming ``caller``, what it expected and what it found.
+    """
+    if isinstance(optimizer, ALTO):
+        _check_alto_structure(state_dict, caller)
+    elif isinstance(optimizer, E):
+        _check_e_structure(state_dict, caller, optimizer.base_optimizer)
+    else:
+        raise TypeError(f"not ALTO or E: {type(optimizer).__name__}")
 
 
 def describe(state_dict: Mapping[str, Any]) -> str:

@@ -18,10 +18,16 @@ Where each parameter's pieces lie:
 Data parallelism only: checkpoints of tensor or pipeline parallel runs are
 refused (DeepSpeed's converter handles those, without ``grad_ema``).
 Memory: the whole fp32 state of the model is held on the host.
+
+:func:`check_engine_load` looks at the same files from the other side:
+before a live engine loads a checkpoint of DeepSpeed's own format, that it
+can load it whole.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import os
 import re
@@ -32,6 +38,8 @@ import torch
 
 from e_dist.checkpoint import consolidated, io
 from e_dist.checkpoint.io import CheckpointError
+
+logger = logging.getLogger(__name__)
 
 _OPTIM = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 # Model-state entries of DeepSpeed's own, not the caller's client state.
@@ -61,19 +69,20 @@ def _safe_globals() -> list[Any]:
     return found
 
 
-def load_file(path: Path, trust: bool = False) -> Any:
+def load_file(path: Path, trust: bool = False, mmap: bool = False) -> Any:
     """A DeepSpeed checkpoint file; ``weights_only=True`` with DeepSpeed's own
-    classes allowed, or a full unpickling where ``trust`` says so."""
+    classes allowed, or a full unpickling where ``trust`` says so. ``mmap``
+    maps tensors instead of reading them (see :func:`io.load`)."""
     if trust:
         if not path.is_file():
             raise CheckpointError(f"DeepSpeed checkpoint file {path} does not exist")
         try:
-            return torch.load(path, map_location="cpu", weights_only=False)
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
         except Exception as err:  # any failure: reported with the file's name
             raise CheckpointError(io._corrupted(path, "checkpoint file", err)) from err
     with torch.serialization.safe_globals(_safe_globals()):
         try:
-            return io.load(path, "DeepSpeed checkpoint file")
+            return io.load(path, "DeepSpeed checkpoint file", mmap=mmap)
         except CheckpointError as err:
             if "weights_only" in str(err):
                 raise CheckpointError(
@@ -266,3 +275,154 @@ def _same_step(seen: Any, step: Any, where: int) -> Any:
             f"{float(seen)} and {float(step)}"
         )
     return step
+
+
+# ---------------------------------------------------------------------------
+# Before a live engine loads a checkpoint of its own format
+
+
+def check_engine_load(
+    engine: Any, load_dir: str, tag: str | None, load_optimizer_states: bool = True
+) -> None:
+    """Before ``engine.load_checkpoint`` of a ZeRO or stage-0 checkpoint
+    changes anything.
+
+    DeepSpeed loads the module's weights and its step counters before the
+    optimizer's state: a file that fails to open, a checkpoint saved at
+    another data-parallel world size or ZeRO stage, or one of another
+    optimizer would leave the live run half loaded. Each rank opens the files
+    it is going to read (memory-mapped: only their structure is read) and
+    checks them; the ranks then agree, so that where one rank finds a
+    problem, every rank raises it and none starts loading.
+    """
+    import torch.distributed as dist
+
+    kind = type(getattr(engine, "checkpoint_engine", None)).__name__
+    if kind != "TorchCheckpointEngine":
+        _warn_unchecked(kind)
+        return
+    if tag is None:
+        tag = io.read_latest(load_dir)
+        if tag is None:
+            return  # DeepSpeed itself warns and loads nothing
+    error = None
+    try:
+        _check_own_files(engine, load_dir, str(tag), load_optimizer_states)
+    except CheckpointError as err:
+        error = str(err)
+    except Exception as err:  # a file of unexpected layout: said, not hung on
+        error = f"{Path(load_dir) / str(tag)}: {type(err).__name__}: {err}"
+    errors: list[str | None] = [error]
+    if dist.is_initialized():
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    if error is not None:
+        raise CheckpointError(f"{error}; nothing was loaded")
+    failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
+    if failed:
+        rank, message = failed[0]
+        raise CheckpointError(
+            f"rank {rank} refused the checkpoint: {message}; nothing was loaded"
+        )
+
+
+@functools.cache
+def _warn_unchecked(kind: str) -> None:
+    logger.warning(
+        "e_dist checks DeepSpeed checkpoints before loading only when they are "
+        "written by torch.save (TorchCheckpointEngine); this engine uses %s, "
+        "whose checkpoints load unchecked",
+        kind,
+    )
+
+
+def _check_own_files(
+    engine: Any, load_dir: str, tag: str, load_optimizer_states: bool
+) -> None:
+    from e_dist.checkpoint.reference import check_loadable
+
+    folder = Path(load_dir) / tag
+    model_file = Path(engine._get_ckpt_name(load_dir, tag))
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist")
+    if not model_file.is_file():
+        saved = sorted(p.name for p in folder.glob("*model_states.pt"))
+        raise CheckpointError(
+            f"{folder} has no {model_file.name}, which this engine (ZeRO stage "
+            f"{engine.zero_optimization_stage()}) reads; it holds {saved or 'none'}. "
+            + _CONVERT.format(folder=folder)
+        )
+    model_states = load_file(model_file, mmap=True)
+    if not load_optimizer_states or engine.zero_nvme_offload_optimizer():
+        return  # NVMe-offloaded state is copied from its own folder
+    if engine.zero_optimization():
+        saved_world = model_states.get("dp_world_size")
+        live_world = engine.seq_dp_world_size
+        if saved_world is not None and int(saved_world) != live_world:
+            raise CheckpointError(
+                f"{folder} was saved at {saved_world} data-parallel ranks and this "
+                f"engine has {live_world}; DeepSpeed loads ZeRO optimizer state "
+                "only at the world size it was saved at. "
+                + _CONVERT.format(folder=folder)
+            )
+        zero_sd = load_file(_own_optimizer_file(engine, load_dir, tag), mmap=True)
+        zero_sd = zero_sd["optimizer_state_dict"]
+        saved_stage = int(zero_sd.get("zero_stage", 1))
+        live_stage = engine.zero_optimization_stage()
+        if (saved_stage == 3) != (live_stage == 3):
+            raise CheckpointError(
+                f"{folder} holds ZeRO-{saved_stage} optimizer state and this engine "
+                f"runs ZeRO-{live_stage}. " + _CONVERT.format(folder=folder)
+            )
+        if saved_stage == 3:
+            state_dict = zero_sd["optimizer_state_dict"]
+        else:
+            state_dict = zero_sd["base_optimizer_state"]
+        if engine.zero_elastic_checkpoint() and isinstance(state_dict, list):
+            # The elastic layout keeps per-group state without hyperparameters.
+            return
+    else:
+        state_dict = model_states.get("optimizer")
+        if state_dict is None:
+            zero_files = sorted(p.name for p in folder.glob("*optim_states.pt"))
+            found = ""
+            if zero_files:
+                found = f" (a ZeRO checkpoint: {', '.join(zero_files)})"
+            raise CheckpointError(
+                f"{model_file} holds no optimizer state, which a ZeRO stage 0 engine "
+                f"reads from it{found}; load it at ZeRO stage 1, 2 or 3, or pass "
+                "load_optimizer_states=False to load the weights alone"
+            )
+        if engine.optimizer is not engine.basic_optimizer:
+            state_dict = state_dict["optimizer_state_dict"]  # stage-0 wrapper's
+    check_loadable(
+        engine.basic_optimizer, state_dict, caller=f"engine.load_checkpoint({folder})"
+    )
+
+
+_CONVERT = (
+    "Convert it with `python -m e_dist.checkpoint universal {folder} OUT` and load "
+    'OUT with "checkpoint": {{"load_universal": true}} in the config'
+)
+
+
+def _own_optimizer_file(engine: Any, load_dir: str, tag: str) -> Path:
+    """This rank's ``*_optim_states.pt``, as DeepSpeed finds it (either
+    bit16 naming, the engine's first)."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank(group=engine.optimizer.dp_process_group)
+    names = []
+    for bf16_mode in (engine.bfloat16_enabled(), not engine.bfloat16_enabled()):
+        path = Path(
+            engine._get_rank_zero_ckpt_name(
+                load_dir, tag, engine.checkpoint_mp_rank, rank, bf16_mode
+            )
+        )
+        if path.is_file():
+            return path
+        names.append(path.name)
+    raise CheckpointError(
+        f"checkpoint {Path(load_dir) / tag} lacks the optimizer file of rank {rank} "
+        f"({' or '.join(dict.fromkeys(names))})"
+    )
