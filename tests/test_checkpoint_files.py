@@ -6,6 +6,7 @@ and leave the live model and optimizer bitwise as they were.
 
 from __future__ import annotations
 
+import collections
 import copy
 import os
 
@@ -14,7 +15,7 @@ import torch
 from models import TinyLM, make_model, train
 
 import e_dist
-from e_dist.checkpoint import CheckpointError, consolidated, io, universal
+from e_dist.checkpoint import CheckpointError, consolidated, io, universal, zero
 from e_dist.checkpoint.__main__ import main as checkpoint_cli
 
 pytestmark = pytest.mark.timeout(120)
@@ -124,6 +125,35 @@ def test_pickled_objects_are_refused_with_weights_only(tmp_path):
     torch.save({"format": consolidated.FORMAT, "payload": os.getcwd}, path)
     with pytest.raises(CheckpointError, match="weights_only=True"):
         consolidated.load(path)
+
+
+class _EnumByName:
+    """Pickles as ``getattr(ZeroStageEnum, "gradients")``, as Python 3.11.2
+    pickles DeepSpeed's ZeRO stage in every ZeRO optimizer file."""
+
+    def __reduce__(self):
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+        return getattr, (ZeroStageEnum, "gradients")
+
+
+class _GetattrEscape:
+    """``getattr`` on an allowed class that is no enum: the first step out."""
+
+    def __reduce__(self):
+        return getattr, (collections.OrderedDict, "__class__")
+
+
+def test_deepspeed_files_take_enum_members_by_name_and_nothing_else(tmp_path):
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    path = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"optimizer_state_dict": {"zero_stage": _EnumByName()}}, path)
+    loaded = zero.load_file(path)
+    assert loaded["optimizer_state_dict"]["zero_stage"] is ZeroStageEnum.gradients
+    torch.save({"payload": _GetattrEscape()}, path)
+    with pytest.raises(CheckpointError, match="is not an enum member"):
+        zero.load_file(path)
 
 
 def test_not_a_checkpoint_and_missing(tmp_path):

@@ -26,10 +26,12 @@ can load it whole.
 
 from __future__ import annotations
 
+import enum
 import functools
 import logging
 import math
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -55,7 +57,7 @@ _ENGINE_KEYS = {
 def _safe_globals() -> list[Any]:
     """DeepSpeed's classes that its checkpoint files pickle, allowed through
     ``weights_only=True``."""
-    found = []
+    found: list[Any] = [(_enum_member, "builtins.getattr")]
     for module, names in (
         ("deepspeed.runtime.fp16.loss_scaler", ("LossScaler", "DynamicLossScaler")),
         ("deepspeed.runtime.zero.config", ("ZeroStageEnum",)),
@@ -67,6 +69,22 @@ def _safe_globals() -> list[Any]:
             continue
         found += [getattr(mod, n) for n in names if hasattr(mod, n)]
     return found
+
+
+def _enum_member(cls: Any, name: str) -> enum.Enum:
+    """What a pickle's ``getattr(cls, name)`` may fetch: an enum member.
+
+    Some Python versions (3.11.2, Debian 12's) pickle enum members, such as
+    DeepSpeed's ``ZeroStageEnum``, as ``getattr(cls, name)``; ``getattr``
+    itself cannot be allowed, it would reach any attribute.
+    """
+    if isinstance(cls, type) and issubclass(cls, enum.Enum):
+        member = cls.__members__.get(name)
+        if member is not None:
+            return member
+    raise pickle.UnpicklingError(
+        f"getattr({cls!r}, {name!r}) in a checkpoint is not an enum member"
+    )
 
 
 def load_file(path: Path, trust: bool = False, mmap: bool = False) -> Any:
@@ -352,7 +370,11 @@ def _check_own_files(
             f"{engine.zero_optimization_stage()}) reads; it holds {saved or 'none'}. "
             + _CONVERT.format(folder=folder)
         )
-    model_states = load_file(model_file, mmap=True)
+    # DeepSpeed's own load, next, unpickles these files whole (weights_only
+    # False): the check trusts them as far, so that it refuses no checkpoint
+    # that DeepSpeed would load, such as one whose client state holds the
+    # caller's classes.
+    model_states = load_file(model_file, trust=True, mmap=True)
     if not load_optimizer_states or engine.zero_nvme_offload_optimizer():
         return  # NVMe-offloaded state is copied from its own folder
     if engine.zero_optimization():
@@ -365,7 +387,9 @@ def _check_own_files(
                 "only at the world size it was saved at. "
                 + _CONVERT.format(folder=folder)
             )
-        zero_sd = load_file(_own_optimizer_file(engine, load_dir, tag), mmap=True)
+        zero_sd = load_file(
+            _own_optimizer_file(engine, load_dir, tag), trust=True, mmap=True
+        )
         zero_sd = zero_sd["optimizer_state_dict"]
         saved_stage = int(zero_sd.get("zero_stage", 1))
         live_stage = engine.zero_optimization_stage()
