@@ -112,10 +112,9 @@ class ALTO(torch.optim.Optimizer):
         self.max_grad_norm = max_grad_norm
         self.implementation = update.check_implementation(implementation)
         # For logging, read outside step(): the global gradient norm before
-        # ALTO's own clip (None when it does not clip), and the trust ratio of
-        # every segment stepped with one in the last step.
+        # ALTO's own clip (None when it does not clip); trust ratios below.
         self.last_grad_norm: Tensor | None = None
-        self.last_trust_ratios: Tensor | None = None
+        self._ratio_log = _RatioLog()
         self._auto_piece_map = piece_map is None
         defaults = dict(
             lr=lr,
@@ -149,7 +148,22 @@ class ALTO(torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         # torch's Optimizer keeps only defaults, state and groups: a copy or
         # an unpickled ALTO would lose its clip, implementation and piece map.
-        return dict(self.__dict__)
+        # The ratio log names parameters by identity: a copy starts a new one.
+        return {**self.__dict__, "_ratio_log": _RatioLog()}
+
+    @property
+    def last_trust_ratios(self) -> Tensor | None:
+        """The latest trust ratio of each parameter that this process holds a
+        piece of and that a step has adapted, each parameter once, padding
+        excluded (None before any). Reads the device: call it outside step().
+        """
+        return self._ratio_log.held()
+
+    def gather_trust_ratios(self, group: Any = None) -> Tensor | None:
+        """:attr:`last_trust_ratios` over every process of ``group`` (default:
+        all): each adapted parameter once, in an order all processes share.
+        A collective: every process must call it (outside step())."""
+        return self._ratio_log.gathered(self.piece_map, group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of this class or of the reference package's ALTO.
@@ -218,7 +232,8 @@ class ALTO(torch.optim.Optimizer):
                 params, exp_avgs, exp_avg_sqs, offsets, lr * ratio, h,
                 self.implementation,
             )  # fmt: skip
-        self.last_trust_ratios = torch.cat(ratios) if ratios else None
+        if ratios:
+            self._ratio_log.record(self.piece_map, keys, torch.cat(ratios))
         return loss
 
     def _buckets(self) -> list[_Bucket]:
@@ -288,6 +303,79 @@ class ALTO(torch.optim.Optimizer):
             weight_decay=group["weight_decay"],
         )
         return h, group["lr"]
+
+
+class _RatioLog:
+    """Each parameter's latest trust ratio, in a table indexed by parameter
+    ids that every process shares (the piece map's; where tensors are whole
+    parameters, the order in which steps first meet them). NaN marks a
+    parameter this process has no ratio of; one extra slot takes padding.
+    Recording is index_copy_ on the step's device: no host synchronisation.
+    """
+
+    def __init__(self) -> None:
+        self.table: Tensor | None = None
+        self.whole_ids: dict[int, int] = {}  # id(tensor) -> parameter id
+        self.cache: dict[tuple[int, ...], Tensor] = {}
+
+    def _ids(self, piece_map: PieceMap, params: list[Tensor], device) -> Tensor:
+        ids = piece_map.parameter_ids(params)
+        if ids is not None:
+            return ids
+        key = tuple(id(p) for p in params)
+        ids = self.cache.get(key)
+        if ids is None:
+            ids = torch.tensor(
+                [self.whole_ids.setdefault(k, len(self.whole_ids)) for k in key],
+                dtype=torch.int64,
+            ).to(device)
+            if len(self.cache) > 64:  # parameters without gradients vary
+                self.cache.clear()
+            self.cache[key] = ids
+        return ids
+
+    def _size(self, piece_map: PieceMap) -> int:
+        size = piece_map.num_parameters
+        return len(self.whole_ids) if size is None else size
+
+    def _table(self, size: int, device: torch.device) -> Tensor:
+        table = self.table
+        if table is None or table.numel() < size + 1 or table.device != device:
+            grown = torch.full((size + 1,), float("nan"), dtype=torch.float64)
+            grown = grown.to(device)
+            if table is not None:
+                old = min(table.numel() - 1, size)
+                grown[:old] = table[:old].to(device)
+            self.table = table = grown
+        return table
+
+    def record(self, piece_map: PieceMap, params: list[Tensor], ratios: Tensor) -> None:
+        ids = self._ids(piece_map, params, ratios.device)
+        table = self._table(self._size(piece_map), ratios.device)
+        table.index_copy_(0, ids, ratios.to(table.dtype))
+
+    def held(self) -> Tensor | None:
+        if self.table is None:
+            return None
+        ratios = self.table[:-1]
+        return ratios[~ratios.isnan()]
+
+    def gathered(self, piece_map: PieceMap, group: Any) -> Tensor | None:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self.held()
+        size = self._size(piece_map)
+        table = self.table
+        if table is None:
+            table = torch.full((size + 1,), float("nan"), dtype=torch.float64)
+        # Ratios are >= 0: the maximum over processes with -1 for "none here"
+        # is the ratio of whichever processes hold the parameter (all alike).
+        present = table[:size].nan_to_num(nan=-1.0)
+        if "nccl" in str(dist.get_backend(group)) and present.device.type == "cpu":
+            present = present.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(present, op=dist.ReduceOp.MAX, group=group)
+        return present[present >= 0].cpu()
 
 
 class _Bucket:

@@ -87,6 +87,17 @@ class PieceMap:
         per segment of ``params``."""
         return sq_sums.sum()
 
+    def parameter_ids(self, params: Sequence[Tensor]) -> Tensor | None:
+        """The parameter of each segment of ``params`` as an index that every
+        process shares, padding segments as :attr:`num_parameters`; None
+        where each tensor is a whole parameter of its own."""
+        return None
+
+    @property
+    def num_parameters(self) -> int | None:
+        """How many parameters :meth:`parameter_ids` numbers (None: none)."""
+        return None
+
 
 SINGLE_PROCESS = PieceMap()
 
@@ -119,6 +130,7 @@ class _Plan:
     width: int  # rows of the step's norm buffer
     ranges: dict[Groups, tuple[int, int, int]]  # reduction: (index, first row, end)
     real: Tensor  # segments that belong to a parameter (not padding)
+    ids: Tensor  # every segment's parameter id, num_parameters for padding
     rows: Tensor  # their rows in the buffer
     reduction: Tensor  # their reduction's index
     device: torch.device
@@ -233,10 +245,21 @@ class ShardedPieceMap(PieceMap):
             or [empty]
         )
         real = torch.nonzero(rows >= 0).flatten()
+        firsts = [0]  # each table's first id: tables numbered one after another
+        for table in self._tables:
+            firsts.append(firsts[-1] + table.num_params)
+        ids = torch.cat(
+            [
+                torch.where(lay.slots >= 0, lay.slots + firsts[lay.table], firsts[-1])
+                for lay in layouts
+            ]
+            or [empty]
+        )
         plan = _Plan(
             width=row,
             ranges=ranges,
             real=real,
+            ids=ids,
             rows=rows[real],
             reduction=reduction[real],
             device=device,
@@ -261,6 +284,13 @@ class ShardedPieceMap(PieceMap):
         totals.index_add_(0, plan.reduction, sq_sums[plan.real].to(torch.float64))
         _all_reduce(totals, {g: (r, r + 1) for g, (r, _, _) in plan.ranges.items()})
         return totals.sum()
+
+    def parameter_ids(self, params: Sequence[Tensor]) -> Tensor:
+        return self._plan(params).ids
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(table.num_params for table in self._tables)
 
     def _default_device(self) -> torch.device:
         for layout in self._layouts.values():

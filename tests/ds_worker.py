@@ -19,7 +19,7 @@ import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 from dist_harness import CollectiveCounter, report, worker_main
 from models import StraddleNet as Net
-from models import max_rel_error
+from models import max_rel_error, trust_ratios_compared
 from models import straddle_batch as batch
 from models import straddle_groups as groups_of
 
@@ -222,7 +222,11 @@ def parity(args: dict) -> None:
                     worst = tuple(max(a, b) for a, b in zip(worst, errors))
                 state = engine.basic_optimizer.state.values()
                 steps = {int(v["step"]) for v in state if "step" in v}
+                ratios = trust_ratios_compared(
+                    engine.basic_optimizer, twin.optimizer_for_test
+                )
                 report(
+                    **ratios,
                     world=world, stage=stage, optimizer=name, precision=precision,
                     accumulation=accumulation, offload=bool(args.get("offload")),
                     state_steps=sorted(steps),

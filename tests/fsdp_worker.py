@@ -16,7 +16,7 @@ import os
 import torch
 import torch.distributed as dist
 from dist_harness import CollectiveCounter, report, worker_main
-from models import max_rel_error
+from models import max_rel_error, trust_ratios_compared
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -189,6 +189,7 @@ def parity(args: dict) -> None:
                             worst_state, max_rel_error(value.reshape(q.shape), expected)
                         )
         report(
+            **trust_ratios_compared(optimizer, twin_optimizer),
             kind=kind, precision=precision, optimizer=name, world=dist.get_world_size(),
             piece_map=type(getattr(optimizer, "piece_map", None)).__name__,
             state_is_dtensor=_state_is_dtensor(optimizer),

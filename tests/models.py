@@ -114,6 +114,23 @@ def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return diff / scale if scale > 0 else diff
 
 
+def trust_ratios_compared(optimizer, twin_optimizer) -> dict:
+    """ALTO's trust ratios over every rank against a single-process twin's:
+    their counts (each adapted parameter once) and the worst relative error,
+    sorted, since the two number parameters differently. A collective."""
+    gather = getattr(optimizer, "gather_trust_ratios", None)
+    if gather is None:
+        return {}
+    ours, theirs = gather(), twin_optimizer.gather_trust_ratios()
+    counts = [ours.numel(), theirs.numel()]
+    error = (
+        max_rel_error(ours.sort().values, theirs.sort().values)
+        if counts[0] == counts[1]
+        else float("inf")
+    )
+    return {"trust_ratio_counts": counts, "trust_ratio_error": error}
+
+
 class StraddleNet(nn.Module):
     """Sizes that straddle ZeRO partitions; ``scale`` (one element) leaves
     most ranks with empty pieces."""

@@ -11,6 +11,9 @@ pieces are added in another order; measured below 2.5e-7 on parameters and
 2.5e-6 on state after 10 steps; bounds 1e-6 and 5e-6. bf16: the twin makes
 its gradients as the MixedPrecisionPolicy does (a bf16 copy of the fp32
 parameters, gradients cast to fp32), so the comparison is as tight as fp32.
+ALTO's trust ratios after the last step, gathered over ranks (each parameter
+once, no padding), against the twin's: norms of the same parameters and
+updates, so bounded as parameters (measured below 1e-7).
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ def check(rows: list[dict], count: int, piece_map: str = "ShardedPieceMap") -> N
         assert row["state_error"] <= STATE_BOUND, row
         if row["optimizer"].startswith("ALTO"):
             assert row["piece_map"] == piece_map, row
+            ours, twin = row["trust_ratio_counts"]
+            assert ours == twin > 0, row
+            assert row["trust_ratio_error"] <= PARAM_BOUND, row
 
 
 @pytest.mark.parametrize("world", [2, 3])

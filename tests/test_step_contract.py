@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from models import make_model, train
@@ -105,3 +107,32 @@ def test_alto_clips_the_global_norm():
     opt.step()
     expected = torch.tensor([3.0, 4.0]) * (0.5 / (5.0 + 1e-6))
     assert torch.allclose(opt.state[param]["exp_avg"], expected, rtol=1e-6)
+
+
+def test_trust_ratios_are_logged_once_per_adapted_parameter():
+    """The first step from zero state, worked by hand: mu = 0, so the bias-
+    corrected moments are (1 + c) g and its square, and r = g~ / (|g~| + eps)
+    + wd * theta, with theta before the step. Groups without decay take no
+    ratio and are not logged."""
+    model = make_model("tiny_lm", torch.float64)
+    groups = e_dist.weight_decay_groups(model, 1e-2)
+    opt = e_dist.ALTO(groups, lr=1e-2, alpha=-5, max_grad_norm=None)
+    assert opt.last_trust_ratios is None
+    decayed = groups[0]["params"]
+    before = [p.detach().clone() for p in decayed]
+    train(model, opt, 1, dtype=torch.float64)
+    c = -5 * (1 - 0.99)
+    expected = []
+    for theta, p in zip(before, decayed, strict=True):
+        explored = (1 + c) * p.grad
+        r = explored / (explored.abs() + 1e-6) + 1e-2 * theta
+        expected.append(theta.norm() / r.norm())
+    ratios = opt.last_trust_ratios
+    torch.testing.assert_close(ratios, torch.stack(expected), rtol=1e-12, atol=0)
+    # Without a process group, gathering is the local read.
+    assert torch.equal(opt.gather_trust_ratios(), ratios)
+    train(model, opt, 2, start=1, dtype=torch.float64)
+    assert opt.last_trust_ratios.shape == (len(decayed),)
+    assert not torch.equal(opt.last_trust_ratios, ratios)  # the latest step's
+    # A copy names other tensors: it starts a log of its own.
+    assert copy.deepcopy(opt).last_trust_ratios is None

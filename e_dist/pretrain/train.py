@@ -428,7 +428,9 @@ class Trainer:
             if hasattr(norm, "full_tensor"):
                 norm = norm.full_tensor()
             row["grad_norm"] = float(norm)
-        ratios = getattr(self.optimizer, "last_trust_ratios", None)
+        # ALTO's ratios, each parameter once over all ranks (a collective).
+        gather = getattr(self.optimizer, "gather_trust_ratios", None)
+        ratios = gather() if gather is not None else None
         if ratios is not None and ratios.numel():
             ratios = ratios.float()
             row["trust_ratio_min"] = float(ratios.min())
