@@ -1,5 +1,10 @@
 """Two hosts in one machine: network namespaces joined by a veth pair, one
-rank each, started through the launch/ scripts, training together."""
+rank each, started through the launch/ scripts, training together.
+
+The SLURM test runs launch/slurm.sbatch as sbatch would on the first node,
+with stand-ins for SLURM's own commands (no SLURM here): ``scontrol show
+hostnames`` names the two hosts, ``srun`` starts the task once per host, in
+its namespace, with the SLURM_* variables a node's task sees."""
 
 from __future__ import annotations
 
@@ -134,3 +139,63 @@ def test_deepspeed_launcher_with_a_hostfile_across_two_hosts(hosts, tmp_path):
         ["--runs", str(tmp_path), "--name", "ds", *ARGS],
     )  # fmt: skip
     check_run(tmp_path / "ds", outputs)
+
+
+# What srun does for one job step with one task per node: the command once per
+# node, with that node's SLURM variables; it fails if any task fails. Each node
+# is a namespace here; LOCAL_ADDR and GLOO_SOCKET_IFNAME stand for what its
+# own host name would give.
+FAKE_SRUN = """#!/usr/bin/env bash
+set -u
+while [[ "${1:-}" == --* ]]; do shift; done
+IFS=';' read -ra nodes <<< "$TEST_NODES"
+pids=()
+for i in "${!nodes[@]}"; do
+    IFS=',' read -r ns link addr <<< "${nodes[$i]}"
+    SLURM_NODEID=$i SLURM_PROCID=$i GLOO_SOCKET_IFNAME=$link LOCAL_ADDR=$addr \
+        ip netns exec "$ns" "$@" &
+    pids+=($!)
+done
+rc=0
+for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
+exit $rc
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+[[ "$1 $2" == "show hostnames" ]] || exit 2
+tr ';' '\\n' <<< "$TEST_ADDRS"
+"""
+
+
+def test_slurm_batch_script_across_two_hosts(hosts, tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHON": sys.executable,
+        "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "SLURM_JOB_NODELIST": "node[0-1]", "SLURM_NNODES": "2",
+        "SLURM_JOB_ID": "4242", "SLURM_SUBMIT_DIR": str(ROOT),
+        "MASTER_PORT": str(free_port()),
+        "TEST_NODES": ";".join(",".join(host) for host in hosts),
+        "TEST_ADDRS": ";".join(addr for _, _, addr in hosts),
+    }  # fmt: skip
+    env.pop("NPROC_PER_NODE", None)  # found from the GPUs: none, so 1
+    proc = subprocess.Popen(
+        ["bash", str(ROOT / "launch" / "slurm.sbatch"), "--backend", "fsdp",
+         "--runs", str(tmp_path), "--name", "slurm", *ARGS],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, out[-5000:]
+    assert "error" not in out.split("global batch")[0].lower(), out[-5000:]
+    check_run(tmp_path / "slurm", [out])
