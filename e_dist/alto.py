@@ -366,9 +366,8 @@ class _RatioLog:
         if not (dist.is_available() and dist.is_initialized()):
             return self.held()
         size = self._size(piece_map)
-        table = self.table
-        if table is None:
-            table = torch.full((size + 1,), float("nan"), dtype=torch.float64)
+        device = self.table.device if self.table is not None else torch.device("cpu")
+        table = self._table(size, device)  # the same size on every process
         # Ratios are >= 0: the maximum over processes with -1 for "none here"
         # is the ratio of whichever processes hold the parameter (all alike).
         present = table[:size].nan_to_num(nan=-1.0)
