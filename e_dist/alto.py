@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from e_dist import hparams, update
@@ -341,8 +342,9 @@ class _RatioLog:
     def _table(self, size: int, device: torch.device) -> Tensor:
         table = self.table
         if table is None or table.numel() < size + 1 or table.device != device:
-            grown = torch.full((size + 1,), float("nan"), dtype=torch.float64)
-            grown = grown.to(device)
+            grown = torch.full(
+                (size + 1,), float("nan"), dtype=torch.float64, device=device
+            )
             if table is not None:
                 old = min(table.numel() - 1, size)
                 grown[:old] = table[:old].to(device)
@@ -361,8 +363,6 @@ class _RatioLog:
         return ratios[~ratios.isnan()]
 
     def gathered(self, piece_map: PieceMap, group: Any) -> Tensor | None:
-        import torch.distributed as dist
-
         if not (dist.is_available() and dist.is_initialized()):
             return self.held()
         size = self._size(piece_map)

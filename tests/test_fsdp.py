@@ -13,7 +13,7 @@ its gradients as the MixedPrecisionPolicy does (a bf16 copy of the fp32
 parameters, gradients cast to fp32), so the comparison is as tight as fp32.
 ALTO's trust ratios after the last step, gathered over ranks (each parameter
 once, no padding), against the twin's: norms of the same parameters and
-updates, so bounded as parameters (measured below 1e-7).
+updates, so bounded as parameters (measured at most 1.04e-7: FSDP2 over TP).
 """
 
 from __future__ import annotations
